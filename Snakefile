@@ -1,0 +1,27 @@
+# Representation-guided latent diffusion for large images: the whole pipeline.
+#   snakemake --cores N            every stage that exists
+#   snakemake --cores N tile       one stage (targets: tile)
+# Configuration: workflow_config.yaml, validated against pipeline/schemas/workflow_config.schema.yaml.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "workflow_config.yaml"
+
+
+include: "rules/common.smk"
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_-]+",
+    input_id="[A-Za-z0-9_-]+",
+
+
+include: "rules/tile.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.tile.input,

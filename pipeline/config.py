@@ -1,0 +1,200 @@
+"""Load, validate and resolve workflow_config.yaml.
+
+The JSON schema in ``pipeline/schemas`` is the single description of every key; this module
+fills its defaults, turns magnification labels into micrometres per pixel and expands the
+input globs into named inputs, so every stage sees the same resolved dataset specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import re
+import unicodedata
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_RESOURCE = "schemas/workflow_config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the reason."""
+
+
+def schema_path() -> Path:
+    return Path(str(resources.files("pipeline").joinpath(SCHEMA_RESOURCE)))
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(schema_path().read_text())
+
+
+def _validator_with_defaults(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """A validator that also writes each property's default into the instance."""
+    base = jsonschema.validators.validator_for(schema)
+
+    def set_defaults(validator, properties, instance, sub_schema):
+        if isinstance(instance, dict):
+            for key, prop in properties.items():
+                if "default" in prop and key not in instance:
+                    instance[key] = prop["default"]
+        yield from base.VALIDATORS["properties"](validator, properties, instance, sub_schema)
+
+    extended = jsonschema.validators.extend(base, {"properties": set_defaults})
+    return extended(schema)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "<top level>"
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``config`` in place against the schema and fill defaults; return it."""
+    validator = _validator_with_defaults(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_key_path(e)}: {e.message}" for e in errors]
+        raise ConfigError("invalid workflow configuration:\n" + "\n".join(lines))
+    return config
+
+
+MAGNIFICATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)[xX]$")
+
+
+def resolution_to_mpp(value: float | str, kind: str, key: str = "resolution") -> float:
+    """Micrometres (slides) or metres (aerial) per pixel from a number or a label like '20x'.
+
+    Magnification labels follow the usual convention 10 / magnification um/px (20x = 0.5,
+    5x = 2.0); they only make sense for slides.
+    """
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = MAGNIFICATION_RE.match(value)
+    if not match:
+        raise ConfigError(f"{key}: {value!r} is neither a number nor a magnification like '20x'")
+    if kind != "wsi":
+        raise ConfigError(f"{key}: magnification {value!r} is for slides; give metres per pixel for {kind} data")
+    return 10.0 / float(match.group(1))
+
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def input_id(path: Path) -> str:
+    """A file's identifier in keys and output folders: its name without the extension, ASCII,
+    with every run of characters other than letters, digits, '_' and '-' replaced by '-'.
+
+    WebDataset splits a sample key at its first dot, and TCGA slide names contain dots.
+    """
+    stem = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        stem = path.stem
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    cleaned = _ID_UNSAFE.sub("-", ascii_stem).strip("-")
+    return cleaned or "input"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset after validation: everything a stage needs, as plain data."""
+
+    name: str
+    kind: str
+    inputs: dict[str, str]  # input id -> path
+    target_mpp: float  # um/px for slides, m/px for aerial
+    patch_size: int
+    tissue_threshold: float
+    mpp_overrides: str | None
+    mpp_from_objective: bool
+    bands: tuple[int, ...]
+    max_nodata_fraction: float
+    image_format: str
+    jpeg_quality: int
+    patches_per_shard: int
+
+    def only(self, input_id: str) -> "DatasetSpec":
+        """The same spec restricted to one input (what one tiling job needs)."""
+        return dataclasses.replace(self, inputs={input_id: self.inputs[input_id]})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DatasetSpec":
+        data = json.loads(text)
+        data["bands"] = tuple(data["bands"])
+        return cls(**data)
+
+
+def expand_inputs(patterns: list[str], base_dir: Path, dataset: str) -> dict[str, str]:
+    """Expand globs (relative to ``base_dir``) into {input id: path}, sorted by path."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        if not glob.has_magic(pattern):
+            matches = [pattern]  # a missing file is reported by its tiling job, not here
+        elif Path(pattern).is_absolute():
+            matches = sorted(glob.glob(pattern))
+        else:  # keep relative paths relative, as the user wrote them
+            matches = sorted(glob.glob(pattern, root_dir=base_dir))
+        if not matches:
+            raise ConfigError(f"datasets.{dataset}.inputs: pattern {pattern!r} matches no file")
+        paths.extend(Path(m) for m in matches)
+    by_id: dict[str, str] = {}
+    for path in sorted(dict.fromkeys(paths)):
+        ident = input_id(path)
+        if ident in by_id:
+            raise ConfigError(
+                f"datasets.{dataset}.inputs: {by_id[ident]!r} and {str(path)!r} would share the "
+                f"identifier {ident!r}; rename one of them"
+            )
+        by_id[ident] = str(path)
+    return by_id
+
+
+def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, DatasetSpec]:
+    """Turn a validated config into dataset specs (magnifications resolved, globs expanded)."""
+    specs = {}
+    for name, ds in config["datasets"].items():
+        overrides = ds["mpp_overrides"]
+        if overrides is not None and not Path(overrides).is_absolute():
+            overrides = str(base_dir / overrides)
+        specs[name] = DatasetSpec(
+            name=name,
+            kind=ds["kind"],
+            inputs=expand_inputs(ds["inputs"], base_dir, name),
+            target_mpp=resolution_to_mpp(ds["resolution"], ds["kind"], f"datasets.{name}.resolution"),
+            patch_size=ds["patch_size"],
+            tissue_threshold=ds["tissue_threshold"],
+            mpp_overrides=overrides,
+            mpp_from_objective=ds["mpp_from_objective"],
+            bands=tuple(ds["bands"]),
+            max_nodata_fraction=ds["max_nodata_fraction"],
+            image_format=ds["image_format"],
+            jpeg_quality=ds["jpeg_quality"],
+            patches_per_shard=ds["patches_per_shard"],
+        )
+    return specs
+
+
+def load_config(path: str | Path) -> tuple[dict[str, Any], dict[str, DatasetSpec]]:
+    """Read, validate and resolve a config file; input paths are relative to its folder's
+    working directory convention: the current directory, as Snakemake uses."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the configuration must be a mapping")
+    validate_config(config)
+    return config, resolve_datasets(config, Path.cwd())

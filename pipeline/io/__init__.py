@@ -1,0 +1,1 @@
+"""Atomic file output and WebDataset shard writing shared by every stage."""

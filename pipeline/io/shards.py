@@ -1,0 +1,117 @@
+"""WebDataset tar shards: deterministic, atomically written, with validated keys."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from webdataset import TarWriter
+
+from pipeline.io.atomic import remove_path, temp_sibling
+
+# WebDataset splits "key.ext" at the first dot, so keys must not contain one.
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# Fixed tar metadata so that the same samples always give byte-identical shards.
+TAR_MTIME = 0.0
+
+
+def check_key(key: str) -> str:
+    if not KEY_RE.match(key):
+        raise ValueError(f"sample key {key!r} may only hold letters, digits, '_' and '-'")
+    return key
+
+
+def encode_image(rgb: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
+    """Encode an HxWx3 uint8 array as PNG or JPEG (4:4:4, so colour is not halved)."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 image, got {rgb.dtype} {rgb.shape}")
+    buffer = io.BytesIO()
+    image = Image.fromarray(rgb, "RGB")
+    if image_format == "png":
+        image.save(buffer, format="PNG", compress_level=1)
+    elif image_format == "jpg":
+        image.save(buffer, format="JPEG", quality=jpeg_quality, subsampling=0)
+    else:
+        raise ValueError(f"unknown image format {image_format!r}")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+class ShardWriter:
+    """Write samples into ``<folder>/<prefix>-000000.tar``, … with at most ``max_count``
+    samples each. Each shard is a temporary file until it is complete, then renamed."""
+
+    def __init__(self, folder: str | Path, prefix: str = "patches", max_count: int = 2000):
+        self.folder = Path(folder)
+        self.prefix = prefix
+        self.max_count = max_count
+        self.shard_names: list[str] = []
+        self._index = 0
+        self._count = 0
+        self._writer: TarWriter | None = None
+        self._stream = None
+        self._temp: Path | None = None
+        self._final: Path | None = None
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{self._index:06d}.tar"
+        self._final = self.folder / name
+        self._temp = temp_sibling(self._final)
+        self._stream = open(self._temp, "wb")
+        self._writer = TarWriter(self._stream, encoder=False, mtime=TAR_MTIME, user="rldiff", group="rldiff")
+        self.shard_names.append(name)
+        self._count = 0
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()  # also closes the stream
+        os.replace(self._temp, self._final)
+        self._writer = self._stream = self._temp = None
+        self._index += 1
+
+    def write(self, key: str, fields: dict[str, bytes]) -> str:
+        """Add one sample; returns the shard name it went into."""
+        check_key(key)
+        if self._writer is not None and self._count >= self.max_count:
+            self._finish()
+        if self._writer is None:
+            self._open()
+        self._writer.write({"__key__": key, **fields})
+        self._count += 1
+        return self.shard_names[-1]
+
+    def close(self) -> None:
+        self._finish()
+
+    def abort(self) -> None:
+        """Drop the shard being written (on error)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                remove_path(self._temp)
+                self._writer = self._stream = self._temp = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,147 @@
+"""Per-input tiling outputs and the per-dataset summary (see docs/data_contract.md).
+
+Each input gets one folder, written as a whole (temporary folder, then rename):
+``patches-NNNNNN.tar`` shards, ``manifest.parquet``, ``thumbnail.png`` and ``status.json``.
+An input that fails still gets a folder with an empty manifest and a status naming the
+reason, so one bad slide never stops the dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.config import DatasetSpec
+from pipeline.io.atomic import atomic_dir, atomic_file, write_text_atomic
+from pipeline.io.shards import ShardWriter, encode_image, encode_json
+from pipeline.tiling.failures import Reason, TilingError
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+MANIFEST_FILE = "manifest.parquet"
+THUMBNAIL_FILE = "thumbnail.png"
+
+
+@dataclasses.dataclass
+class Patch:
+    """One patch: grid position, pixels, and the metadata that goes into its json and the manifest."""
+
+    col: int
+    row: int
+    rgb: np.ndarray  # patch_size x patch_size x 3, uint8
+    meta: dict[str, Any]
+
+
+class TiledSource(Protocol):
+    """What a reader (slide or aerial) offers to the shared writer."""
+
+    info: dict[str, Any]  # facts about the input recorded in its status (e.g. level-0 um/px)
+
+    def patches(self) -> Iterator[Patch]: ...
+
+    def qc_thumbnail(self) -> Image.Image: ...
+
+    def close(self) -> None: ...
+
+
+def patch_key(input_id: str, row: int, col: int) -> str:
+    return f"{input_id}_r{row:05d}_c{col:05d}"
+
+
+def _manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(rows)
+    if frame.empty:
+        frame = pd.DataFrame({"key": pd.Series(dtype="string"), "col": pd.Series(dtype="int32"),
+                              "row": pd.Series(dtype="int32"), "shard": pd.Series(dtype="string")})
+    for column in ("col", "row"):
+        frame[column] = frame[column].astype("int32")
+    return frame
+
+
+def write_parquet_atomic(frame: pd.DataFrame, final: Path) -> None:
+    with atomic_file(final) as temp:
+        frame.to_parquet(temp, index=False)
+
+
+def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str | Path,
+               open_source) -> dict[str, Any]:
+    """Tile one input with ``open_source(path, spec) -> TiledSource`` into ``out_dir``.
+
+    Returns the status record. Never raises for a bad input: the failure is the status.
+    """
+    path = Path(path)
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    status: dict[str, Any] = {"dataset": spec.name, "input_id": input_id, "source": path.name,
+                              "path": str(path), "kind": spec.kind}
+    with atomic_dir(out_dir) as temp:
+        rows: list[dict[str, Any]] = []
+        try:
+            source = open_source(path, spec)
+            try:
+                status.update(source.info)
+                with ShardWriter(temp, prefix="patches", max_count=spec.patches_per_shard) as shards:
+                    for patch in source.patches():
+                        key = patch_key(input_id, patch.row, patch.col)
+                        meta = {"dataset": spec.name, "source": path.name, **patch.meta,
+                                "col": patch.col, "row": patch.row}
+                        fields = {spec.image_format: encode_image(patch.rgb, spec.image_format, spec.jpeg_quality),
+                                  "json": encode_json(meta)}
+                        shard = shards.write(key, fields)
+                        rows.append({"key": key, **meta, "shard": shard})
+                if not rows:
+                    raise TilingError(path, Reason.NO_TISSUE, "no patch passed the tissue / nodata filters")
+                source.qc_thumbnail().save(temp / THUMBNAIL_FILE)
+            finally:
+                source.close()
+            status.update(status="done", reason=None, message=None, patch_count=len(rows))
+        except TilingError as failure:
+            for leftover in temp.iterdir():  # drop shards of a half-read input
+                leftover.unlink()
+            rows = []
+            status.update(status="error", reason=failure.reason.value, message=str(failure), patch_count=0)
+            log.warning("%s", failure)
+        _manifest_frame(rows).to_parquet(temp / MANIFEST_FILE, index=False)
+        status["seconds"] = round(time.perf_counter() - started, 3)
+        (temp / STATUS_FILE).write_text(json.dumps(status, indent=1, sort_keys=True, default=str))
+    return status
+
+
+def summarize_dataset(input_dirs: list[str | Path], status_out: str | Path,
+                      manifest_out: str | Path) -> pd.DataFrame:
+    """Gather per-input folders into the dataset status table and the dataset patch index."""
+    statuses, manifests = [], []
+    for folder in map(Path, input_dirs):
+        status = json.loads((folder / STATUS_FILE).read_text())
+        statuses.append(status)
+        manifest = pd.read_parquet(folder / MANIFEST_FILE)
+        if not manifest.empty:
+            manifest.insert(1, "input_id", status["input_id"])
+            manifests.append(manifest)
+    table = pd.DataFrame.from_records(statuses)
+    columns = ["input_id", "source", "status", "reason", "patch_count", "message"]
+    table = table[columns + [c for c in table.columns if c not in columns]]
+    with atomic_file(status_out) as temp:
+        table.to_csv(temp, sep="\t", index=False)
+    index = pd.concat(manifests, ignore_index=True) if manifests else _manifest_frame([])
+    write_parquet_atomic(index, Path(manifest_out))
+    return table
+
+
+def describe_summary(table: pd.DataFrame) -> str:
+    done = table[table.status == "done"]
+    failed = table[table.status != "done"]
+    lines = [f"{len(done)} of {len(table)} inputs tiled, {int(done.patch_count.sum())} patches"]
+    for row in failed.itertuples():
+        lines.append(f"  FAILED {row.source}: {row.reason} ({row.message})")
+    return "\n".join(lines)

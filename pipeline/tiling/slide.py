@@ -1,0 +1,210 @@
+"""Whole-slide images through OpenSlide: resolution, tissue grid and patch reading.
+
+Resolution is always physical (um/px), never a pyramid level index: a patch covers
+``round(patch_size * target_mpp / level0_mpp)`` level-0 pixels, read from the coarsest level
+that still has at least the target resolution, then area-resized to ``patch_size``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+from PIL import Image, ImageDraw
+
+from pipeline.config import DatasetSpec
+from pipeline.tiling.failures import Reason, TilingError, check_readable_file
+from pipeline.tiling.outputs import Patch
+from pipeline.tiling.tissue import box_fractions, is_background_patch, tissue_mask
+
+# Plausible level-0 resolutions: 0.05 um/px is beyond any light microscope, 100 um/px is a
+# photo of the slide. Anything outside is a metadata error, not a resolution.
+MPP_RANGE = (0.05, 100.0)
+THUMBNAIL_PIXELS_PER_PATCH = 16  # mask resolution: each patch covers about 16x16 mask pixels
+THUMBNAIL_MAX_SIDE = 8192
+QC_MAX_SIDE = 1024
+TIFF_UNIT_MICRONS = {"centimeter": 1e4, "inch": 25400.0}
+
+
+@lru_cache(maxsize=8)
+def _read_overrides(csv_path: str) -> dict[str, float]:
+    table: dict[str, float] = {}
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"slide", "mpp"} <= set(reader.fieldnames):
+            raise ValueError(f"{csv_path}: the mpp override table needs columns 'slide' and 'mpp'")
+        for line_no, row in enumerate(reader, start=2):
+            try:
+                table[row["slide"]] = float(row["mpp"])
+            except ValueError as exc:
+                raise ValueError(f"{csv_path}:{line_no}: mpp {row['mpp']!r} is not a number") from exc
+    return table
+
+
+def level0_mpp(properties: dict[str, str], path: Path, spec: DatasetSpec) -> tuple[float, str]:
+    """Level-0 um/px and where it came from.
+
+    An override table row wins (it exists to correct slides whose metadata is missing or
+    wrong); then OpenSlide's normalised property, then the TIFF resolution tags, then, only if
+    the config opts in, the objective power.
+    """
+    candidates: list[tuple[str, float | None]] = []
+    if spec.mpp_overrides:
+        candidates.append(("override_table", _read_overrides(spec.mpp_overrides).get(path.name)))
+    candidates.append(("openslide_mpp", _as_float(properties.get(openslide.PROPERTY_NAME_MPP_X))))
+    unit = TIFF_UNIT_MICRONS.get(properties.get("tiff.ResolutionUnit", ""))
+    x_res = _as_float(properties.get("tiff.XResolution"))
+    candidates.append(("tiff_resolution", unit / x_res if unit and x_res else None))
+    if spec.mpp_from_objective:
+        power = _as_float(properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        candidates.append(("objective_power", 10.0 / power if power else None))
+    for source, value in candidates:
+        if value is None:
+            continue
+        if not (MPP_RANGE[0] <= value <= MPP_RANGE[1]):
+            raise TilingError(path, Reason.ABSURD_MPP,
+                              f"level-0 resolution {value!r} um/px from {source} is outside {MPP_RANGE}")
+        return value, source
+    raise TilingError(path, Reason.NO_MPP, "no um/px in the slide properties, TIFF resolution tags"
+                      + (", override table" if spec.mpp_overrides else "")
+                      + ("" if spec.mpp_from_objective else "; set mpp_from_objective to use the objective power"))
+
+
+def _as_float(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value > 0 else None
+
+
+def best_level(downsamples: tuple[float, ...], wanted: float) -> int:
+    """Coarsest level whose downsample does not exceed ``wanted`` (never read below target resolution)."""
+    level = 0
+    for index, downsample in enumerate(downsamples):
+        if downsample <= wanted * (1 + 1e-6):
+            level = index
+    return level
+
+
+def resize_area(image: Image.Image, size: int) -> Image.Image:
+    """Area (box) interpolation when shrinking, bicubic when enlarging; no-op at size."""
+    if image.size == (size, size):
+        return image
+    shrinking = image.size[0] > size
+    return image.resize((size, size), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
+
+
+def rgba_to_rgb_on_white(image: Image.Image) -> Image.Image:
+    """OpenSlide returns premultiplied-free RGBA with alpha 0 outside scanned areas: show white there."""
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    background = Image.new("RGB", image.size, (255, 255, 255))
+    background.paste(image, mask=image.getchannel("A"))
+    return background
+
+
+def read_patch(slide: openslide.OpenSlide, x: int, y: int, read_size: int, level: int,
+               patch_size: int) -> np.ndarray:
+    """The patch whose level-0 box is (x, y, read_size), as patch_size^2 RGB uint8."""
+    level_size = max(1, round(read_size / slide.level_downsamples[level]))
+    region = slide.read_region((x, y), level, (level_size, level_size))
+    return np.asarray(resize_area(rgba_to_rgb_on_white(region), patch_size))
+
+
+class SlideSource:
+    """A slide opened for tiling: plans the tissue grid at construction."""
+
+    def __init__(self, path: Path, spec: DatasetSpec):
+        check_readable_file(path)
+        self.path = path
+        self.spec = spec
+        try:
+            self.slide = openslide.OpenSlide(path)
+        except (openslide.OpenSlideError, OSError) as exc:
+            raise TilingError(path, Reason.OPEN_FAILED, f"OpenSlide cannot open it: {exc}") from exc
+        try:
+            self._plan()
+        except BaseException:
+            self.slide.close()
+            raise
+
+    def _plan(self) -> None:
+        slide, spec, path = self.slide, self.spec, self.path
+        self.mpp, mpp_source = level0_mpp(dict(slide.properties), path, spec)
+        self.read_size = round(spec.patch_size * spec.target_mpp / self.mpp)
+        self.level = best_level(slide.level_downsamples, self.read_size / spec.patch_size)
+        width, height = slide.dimensions
+        # Whole patches only: edge tiles are dropped, never stretched.
+        self.cols, self.rows = width // self.read_size, height // self.read_size
+        self.info: dict[str, Any] = {
+            "level0_mpp": self.mpp, "mpp_source": mpp_source, "target_mpp": spec.target_mpp,
+            "read_size": self.read_size, "read_level": self.level, "width": width, "height": height,
+            "grid_cols": self.cols, "grid_rows": self.rows, "vendor": slide.properties.get("openslide.vendor"),
+        }
+        if self.cols == 0 or self.rows == 0:
+            raise TilingError(path, Reason.TOO_SMALL,
+                              f"{width}x{height} px is smaller than one {self.read_size}px patch")
+        downsample = max(1.0, self.read_size / THUMBNAIL_PIXELS_PER_PATCH, max(width, height) / THUMBNAIL_MAX_SIDE)
+        try:
+            thumbnail = slide.get_thumbnail((max(1, round(width / downsample)), max(1, round(height / downsample))))
+        except openslide.OpenSlideError as exc:
+            raise TilingError(path, Reason.READ_FAILED, f"cannot read pixels for the thumbnail: {exc}") from exc
+        self.thumbnail = np.asarray(thumbnail.convert("RGB"))
+        self.mask = tissue_mask(self.thumbnail)
+        # Actual scale of the thumbnail (rounding makes it differ slightly from `downsample`).
+        self.mask_scale = width / self.mask.shape[1], height / self.mask.shape[0]
+        rows, cols = np.mgrid[0:self.rows, 0:self.cols]
+        fractions = box_fractions(self.mask, cols.ravel() * self.read_size / self.mask_scale[0],
+                                  rows.ravel() * self.read_size / self.mask_scale[1],
+                                  self.read_size / self.mask_scale[0])
+        keep = fractions >= self.spec.tissue_threshold
+        # Row-major: rows outer, columns inner (np.mgrid order).
+        self.candidates = [(int(r), int(c), float(f)) for r, c, f, k in
+                           zip(rows.ravel(), cols.ravel(), fractions, keep) if k]
+        self.kept: list[tuple[int, int]] = []
+
+    def patches(self) -> Iterator[Patch]:
+        for row, col, fraction in self.candidates:
+            x, y = col * self.read_size, row * self.read_size
+            try:
+                rgb = read_patch(self.slide, x, y, self.read_size, self.level, self.spec.patch_size)
+            except openslide.OpenSlideError as exc:
+                raise TilingError(self.path, Reason.READ_FAILED,
+                                  f"reading the patch at level-0 ({x}, {y}) failed: {exc}") from exc
+            if is_background_patch(rgb):
+                continue
+            self.kept.append((row, col))
+            yield Patch(col=col, row=row, rgb=rgb, meta={
+                "slide": self.path.name, "x": x, "y": y, "read_size": self.read_size,
+                "read_level": self.level, "level0_mpp": self.mpp, "mpp": self.spec.target_mpp,
+                "tissue_fraction": round(fraction, 4),
+            })
+
+    def qc_thumbnail(self) -> Image.Image:
+        """A thumbnail (at most QC_MAX_SIDE px) with the tissue mask tinted and kept patches outlined."""
+        width, height = self.slide.dimensions
+        scale = max(1.0, max(width, height) / QC_MAX_SIDE)
+        base = self.slide.get_thumbnail((max(1, round(width / scale)), max(1, round(height / scale)))).convert("RGB")
+        mask = Image.fromarray(self.mask).resize(base.size, Image.Resampling.NEAREST)
+        tint = Image.blend(base, Image.new("RGB", base.size, (0, 200, 0)), 0.35)
+        overlay = Image.composite(tint, base, mask)
+        draw = ImageDraw.Draw(overlay)
+        sx, sy = width / base.size[0], height / base.size[1]
+        for row, col in self.kept:
+            x0, y0 = col * self.read_size / sx, row * self.read_size / sy
+            draw.rectangle([x0, y0, x0 + self.read_size / sx, y0 + self.read_size / sy], outline=(0, 0, 255))
+        return overlay
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+def open_slide_source(path: str | Path, spec: DatasetSpec) -> SlideSource:
+    return SlideSource(Path(path), spec)

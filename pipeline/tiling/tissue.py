@@ -1,0 +1,65 @@
+"""Tissue detection on a low-resolution thumbnail, and background checks on patches.
+
+H&E tissue is saturated (pink/purple) while glass is white and grey: threshold the HSV
+saturation with Otsu, after a median blur that removes JPEG and dust speckle, never below a
+floor so that an empty slide yields no tissue instead of thresholded noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage import color, filters, morphology
+
+MIN_SATURATION = 0.07  # Otsu on blank glass splits noise; this floor keeps it empty
+MIN_VALUE = 0.08  # near-black (out-of-focus edge, slide holder) is not tissue
+MEDIAN_SIZE = 5
+CLOSE_RADIUS = 2
+MIN_OBJECT_FRACTION = 2e-4  # drop specks smaller than this fraction of the thumbnail
+
+# Patch-level background test: near-white or near-black pixels.
+WHITE_LEVEL = 220
+BLACK_LEVEL = 30
+MAX_BACKGROUND_FRACTION = 0.9
+
+
+def tissue_mask(thumbnail_rgb: np.ndarray) -> np.ndarray:
+    """Boolean tissue mask of an HxWx3 uint8 thumbnail."""
+    hsv = color.rgb2hsv(thumbnail_rgb)
+    saturation = ndimage.median_filter(hsv[..., 1], size=MEDIAN_SIZE)
+    value = hsv[..., 2]
+    if np.ptp(saturation) > 0:
+        threshold = max(float(filters.threshold_otsu(saturation)), MIN_SATURATION)
+    else:
+        threshold = MIN_SATURATION
+    mask = (saturation > threshold) & (value > MIN_VALUE)
+    mask = ndimage.binary_closing(mask, morphology.disk(CLOSE_RADIUS), border_value=0)
+    speck = max(4, int(MIN_OBJECT_FRACTION * mask.size))
+    # Fill only small holes (nuclei-sized gaps); large holes are glass inside the tissue.
+    mask = morphology.remove_small_objects(mask, max_size=speck)
+    return morphology.remove_small_holes(mask, max_size=speck)
+
+
+def box_fractions(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, size: float) -> np.ndarray:
+    """Mean of ``mask`` over square boxes in mask pixels (fractional corners rounded),
+    computed from one summed-area table."""
+    table = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = mask.shape
+    xa = np.clip(np.round(x0).astype(int), 0, w)
+    ya = np.clip(np.round(y0).astype(int), 0, h)
+    xb = np.clip(np.round(x0 + size).astype(int), 0, w)
+    yb = np.clip(np.round(y0 + size).astype(int), 0, h)
+    area = np.maximum((xb - xa) * (yb - ya), 1)
+    total = table[yb, xb] - table[ya, xb] - table[yb, xa] + table[ya, xa]
+    return total / area
+
+
+def background_fraction(rgb: np.ndarray) -> float:
+    """Fraction of a patch's pixels that are near-white glass or near-black."""
+    white = rgb.min(axis=2) >= WHITE_LEVEL
+    black = rgb.max(axis=2) <= BLACK_LEVEL
+    return float(np.mean(white | black))
+
+
+def is_background_patch(rgb: np.ndarray) -> bool:
+    return background_fraction(rgb) > MAX_BACKGROUND_FRACTION

@@ -1,0 +1,130 @@
+"""Bad slides end with a typed reason in the status table; the rest of the dataset completes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from helpers import DEMO_SLIDE, make_spec, read_shards
+from pipeline.config import expand_inputs
+from pipeline.tiling.run import tile_dataset
+
+
+def write_tiled_tiff(path, rgb, mpp=None):
+    """A single-level tiled TIFF (OpenSlide's generic TIFF), with resolution tags if mpp is given."""
+    kwargs = {}
+    if mpp is not None:
+        kwargs = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib", **kwargs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def he_image(shared_data):
+    with Image.open(shared_data / "he_images" / "TCGA-HE-7130-01Z-00-DX1.png") as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(tmp_path_factory, he_image):
+    folder = tmp_path_factory.mktemp("slides")
+    (folder / "good.svs").write_bytes(DEMO_SLIDE.read_bytes())
+    (folder / "empty.svs").write_bytes(b"")
+    (folder / "not_a_slide.svs").write_text("this is a text file, not a slide\n")
+    data = DEMO_SLIDE.read_bytes()
+    (folder / "truncated.svs").write_bytes(data[: len(data) * 2 // 5])
+    corrupt = bytearray(data)  # directory intact, compressed tiles zeroed: opens, cannot be read
+    corrupt[len(data) * 3 // 10: len(data) * 6 // 10] = bytes(len(data) * 6 // 10 - len(data) * 3 // 10)
+    (folder / "corrupt_tiles.svs").write_bytes(bytes(corrupt))
+    write_tiled_tiff(folder / "no_mpp.tif", he_image)
+    write_tiled_tiff(folder / "tagged.tif", he_image, mpp=0.25)
+    write_tiled_tiff(folder / "absurd.tif", he_image, mpp=1e-5)
+    write_tiled_tiff(folder / "blank.tif", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5)
+    write_tiled_tiff(folder / "tiny.tif", he_image[:200, :200], mpp=0.5)
+    (folder / "TCGA-XX-0001-01Z-00-DX1.A1B2 ÿ slide.svs").write_bytes(data)
+    inputs = expand_inputs([str(folder / "*")], folder, "bad")
+    inputs["missing"] = str(folder / "missing.svs")
+    spec = make_spec(name="bad", inputs=inputs)
+    out = tmp_path_factory.mktemp("out")
+    summary = tile_dataset(spec, out)
+    table = pd.read_csv(out / "status.tsv", sep="\t").set_index("input_id")
+    return spec, out, table, summary
+
+
+EXPECTED = {
+    "good": ("done", None),
+    "empty": ("error", "empty_file"),
+    "not_a_slide": ("error", "open_failed"),
+    "corrupt_tiles": ("error", "read_failed"),
+    "no_mpp": ("error", "no_mpp"),
+    "tagged": ("done", None),
+    "absurd": ("error", "absurd_mpp"),
+    "blank": ("error", "no_tissue"),
+    "tiny": ("error", "too_small"),
+    "missing": ("error", "not_found"),
+    "TCGA-XX-0001-01Z-00-DX1-A1B2-y-slide": ("done", None),
+}
+
+
+@pytest.mark.parametrize("input_id", sorted(EXPECTED))
+def test_each_input_gets_its_typed_outcome(bad_dataset, input_id):
+    spec, out, table, _ = bad_dataset
+    status, reason = EXPECTED[input_id]
+    row = table.loc[input_id]
+    assert row.status == status
+    folder = out / "inputs" / input_id
+    manifest = pd.read_parquet(folder / "manifest.parquet")
+    if status == "done":
+        assert row.patch_count == len(manifest) > 0
+        assert len(read_shards(folder)) == row.patch_count
+    else:
+        assert row.reason == reason
+        assert spec.inputs[input_id] in row.message  # the message names the file
+        assert row.patch_count == 0 and manifest.empty
+        assert not list(folder.glob("*.tar")) and not (folder / "thumbnail.png").exists()
+
+
+def test_truncated_slide_fails_cleanly(bad_dataset):
+    _, out, table, _ = bad_dataset
+    row = table.loc["truncated"]
+    # A truncated SVS either fails to open or fails when its missing tiles are read.
+    assert (row.status, row.reason) in {("error", "open_failed"), ("error", "read_failed")}
+    assert not list((out / "inputs" / "truncated").glob("*.tar"))
+
+
+def test_summary_names_every_failure(bad_dataset):
+    _, out, table, summary = bad_dataset
+    failed = table[table.status == "error"]
+    assert summary.splitlines()[0].startswith(f"{len(table) - len(failed)} of {len(table)} inputs tiled")
+    for source in failed.source:
+        assert f"FAILED {source}" in summary
+    index = pd.read_parquet(out / "manifest.parquet")
+    assert set(index.input_id) == set(table[table.status == "done"].index)
+
+
+def test_resolution_from_tiff_tags_and_override_table(bad_dataset, tmp_path):
+    spec, out, table, _ = bad_dataset
+    assert table.loc["tagged", "level0_mpp"] == pytest.approx(0.25)
+    meta = json.loads(read_shards(out / "inputs" / "tagged")[0]["json"])
+    assert meta["read_size"] == round(256 * 0.5 / 0.25)
+    overrides = tmp_path / "mpp.csv"
+    overrides.write_text("slide,mpp\nno_mpp.tif,0.25\n")
+    fixed = make_spec(name="fixed", inputs={"no_mpp": spec.inputs["no_mpp"]}, mpp_overrides=str(overrides))
+    tile_dataset(fixed, tmp_path / "fixed")
+    row = pd.read_csv(tmp_path / "fixed" / "status.tsv", sep="\t").iloc[0]
+    assert (row.status, row.mpp_source, row.level0_mpp) == ("done", "override_table", 0.25)
+
+
+def test_objective_power_only_when_opted_in(tmp_path):
+    from pipeline.tiling.slide import level0_mpp
+    from pipeline.tiling.failures import TilingError
+
+    properties = {"openslide.objective-power": "20"}
+    with pytest.raises(TilingError, match="no_mpp"):
+        level0_mpp(properties, DEMO_SLIDE, make_spec())
+    assert level0_mpp(properties, DEMO_SLIDE, make_spec(mpp_from_objective=True)) == (0.5, "objective_power")
