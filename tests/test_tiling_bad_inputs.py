@@ -86,7 +86,7 @@ def test_each_input_gets_its_typed_outcome(bad_dataset, input_id):
         assert row.reason == reason
         assert spec.inputs[input_id] in row.message  # the message names the file
         assert row.patch_count == 0 and manifest.empty
-        assert not list(folder.glob("*.tar")) and not (folder / "thumbnail.png").exists()
+        assert not list(folder.glob("*.tar")) and not (folder / "thumbnail.jpg").exists()
 
 
 def test_truncated_slide_fails_cleanly(bad_dataset):

@@ -86,7 +86,7 @@ def test_manifest_thumbnail_and_status(demo_20x):
     assert set(manifest.shard) == {p.name for p in out.glob("*.tar")}
     saved = json.loads((out / "status.json").read_text())
     assert saved["status"] == "done" and saved["patch_count"] == len(manifest)
-    with Image.open(out / "thumbnail.png") as thumb:
+    with Image.open(out / "thumbnail.jpg") as thumb:
         assert max(thumb.size) == 1024  # QC thumbnail at a readable size
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
 

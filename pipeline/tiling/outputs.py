@@ -1,7 +1,7 @@
 """Per-input tiling outputs and the per-dataset summary (see docs/data_contract.md).
 
 Each input gets one folder, written as a whole (temporary folder, then rename):
-``patches-NNNNNN.tar`` shards, ``manifest.parquet``, ``thumbnail.png`` and ``status.json``.
+``patches-NNNNNN.tar`` shards, ``manifest.parquet``, ``thumbnail.jpg`` and ``status.json``.
 An input that fails still gets a folder with an empty manifest and a status naming the
 reason, so one bad slide never stops the dataset.
 """
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 MANIFEST_FILE = "manifest.parquet"
-THUMBNAIL_FILE = "thumbnail.png"
+THUMBNAIL_FILE = "thumbnail.jpg"
 
 
 @dataclasses.dataclass
@@ -101,7 +101,7 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
                         rows.append({"key": key, **meta, "shard": shard})
                 if not rows:
                     raise TilingError(path, Reason.NO_TISSUE, "no patch passed the tissue / nodata filters")
-                source.qc_thumbnail().save(temp / THUMBNAIL_FILE)
+                source.qc_thumbnail().save(temp / THUMBNAIL_FILE, quality=90)
             finally:
                 source.close()
             status.update(status="done", reason=None, message=None, patch_count=len(rows))

@@ -103,11 +103,16 @@ def resize_area(image: Image.Image, size: int) -> Image.Image:
 
 def rgba_to_rgb_on_white(image: Image.Image) -> Image.Image:
     """OpenSlide returns premultiplied-free RGBA with alpha 0 outside scanned areas: show white there."""
-    if image.mode != "RGBA":
+    if image.mode != "RGBA" or image.getchannel("A").getextrema() == (255, 255):
         return image.convert("RGB")
     background = Image.new("RGB", image.size, (255, 255, 255))
     background.paste(image, mask=image.getchannel("A"))
     return background
+
+
+def read_level(slide: openslide.OpenSlide, level: int) -> Image.Image:
+    """A whole pyramid level as RGB (OpenSlide's get_thumbnail reads the same level whole)."""
+    return rgba_to_rgb_on_white(slide.read_region((0, 0), level, slide.level_dimensions[level]))
 
 
 def read_patch(slide: openslide.OpenSlide, x: int, y: int, read_size: int, level: int,
@@ -152,11 +157,21 @@ class SlideSource:
             raise TilingError(path, Reason.TOO_SMALL,
                               f"{width}x{height} px is smaller than one {self.read_size}px patch")
         downsample = max(1.0, self.read_size / THUMBNAIL_PIXELS_PER_PATCH, max(width, height) / THUMBNAIL_MAX_SIDE)
+        mask_size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
+        qc_scale = max(1.0, max(width, height) / QC_MAX_SIDE)
+        qc_size = (max(1, round(width / qc_scale)), max(1, round(height / qc_scale)))
+        # One read serves the mask and the QC image (and, below, the patches).
+        overview_level = slide.get_best_level_for_downsample(min(downsample, qc_scale))
         try:
-            thumbnail = slide.get_thumbnail((max(1, round(width / downsample)), max(1, round(height / downsample))))
+            overview = read_level(slide, overview_level)
         except openslide.OpenSlideError as exc:
             raise TilingError(path, Reason.READ_FAILED, f"cannot read pixels for the thumbnail: {exc}") from exc
-        self.thumbnail = np.asarray(thumbnail.convert("RGB"))
+        self.qc_base = overview.resize(qc_size, Image.Resampling.BOX)
+        self.thumbnail = np.asarray(overview.resize(mask_size, Image.Resampling.BOX))
+        # A small single-level slide is read whole for the thumbnail anyway: cut the patches
+        # from that image instead of decoding every tile a second time.
+        self.level_image = np.asarray(overview) if overview_level == self.level == 0 else None
+        del overview
         self.mask = tissue_mask(self.thumbnail)
         # Actual scale of the thumbnail (rounding makes it differ slightly from `downsample`).
         self.mask_scale = width / self.mask.shape[1], height / self.mask.shape[0]
@@ -174,7 +189,11 @@ class SlideSource:
         for row, col, fraction in self.candidates:
             x, y = col * self.read_size, row * self.read_size
             try:
-                rgb = read_patch(self.slide, x, y, self.read_size, self.level, self.spec.patch_size)
+                if self.level_image is not None:
+                    crop = self.level_image[y:y + self.read_size, x:x + self.read_size]
+                    rgb = np.asarray(resize_area(Image.fromarray(crop), self.spec.patch_size))
+                else:
+                    rgb = read_patch(self.slide, x, y, self.read_size, self.level, self.spec.patch_size)
             except openslide.OpenSlideError as exc:
                 raise TilingError(self.path, Reason.READ_FAILED,
                                   f"reading the patch at level-0 ({x}, {y}) failed: {exc}") from exc
@@ -188,14 +207,13 @@ class SlideSource:
             })
 
     def qc_thumbnail(self) -> Image.Image:
-        """A thumbnail (at most QC_MAX_SIDE px) with the tissue mask tinted and kept patches outlined."""
-        width, height = self.slide.dimensions
-        scale = max(1.0, max(width, height) / QC_MAX_SIDE)
-        base = self.slide.get_thumbnail((max(1, round(width / scale)), max(1, round(height / scale)))).convert("RGB")
+        """The overview (at most QC_MAX_SIDE px) with the tissue mask tinted and kept patches outlined."""
+        base = self.qc_base
         mask = Image.fromarray(self.mask).resize(base.size, Image.Resampling.NEAREST)
         tint = Image.blend(base, Image.new("RGB", base.size, (0, 200, 0)), 0.35)
         overlay = Image.composite(tint, base, mask)
         draw = ImageDraw.Draw(overlay)
+        width, height = self.slide.dimensions
         sx, sy = width / base.size[0], height / base.size[1]
         for row, col in self.kept:
             x0, y0 = col * self.read_size / sx, row * self.read_size / sy
@@ -203,6 +221,7 @@ class SlideSource:
         return overlay
 
     def close(self) -> None:
+        self.level_image = None
         self.slide.close()
 
 
