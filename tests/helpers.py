@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.io.shards import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -29,15 +30,7 @@ def make_spec(**changes):
 
 def read_shards(folder: Path) -> list[dict]:
     """All samples of the tar shards in ``folder``, in order: {'__key__', ext: bytes, ...}."""
-    samples: list[dict] = []
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                if not samples or samples[-1]["__key__"] != key:
-                    samples.append({"__key__": key})
-                samples[-1][ext] = tar.extractfile(member).read()
-    return samples
+    return [sample for shard in sorted(folder.glob("*.tar")) for sample in read_shard(shard)]
 
 
 def decode(data: bytes) -> np.ndarray:

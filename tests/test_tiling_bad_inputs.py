@@ -128,3 +128,15 @@ def test_objective_power_only_when_opted_in(tmp_path):
     with pytest.raises(TilingError, match="no_mpp"):
         level0_mpp(properties, DEMO_SLIDE, make_spec())
     assert level0_mpp(properties, DEMO_SLIDE, make_spec(mpp_from_objective=True)) == (0.5, "objective_power")
+
+
+def test_an_unforeseen_reader_error_is_recorded_not_raised(tmp_path):
+    from pipeline.tiling.outputs import tile_input
+
+    def broken_reader(path, spec):
+        raise RuntimeError("decoder exploded")
+
+    status = tile_input(make_spec(), "x", DEMO_SLIDE, tmp_path / "x", broken_reader)
+    assert (status["status"], status["reason"]) == ("error", "unexpected_error")
+    assert "RuntimeError: decoder exploded" in status["message"] and str(DEMO_SLIDE) in status["message"]
+    assert pd.read_parquet(tmp_path / "x" / "manifest.parquet").empty

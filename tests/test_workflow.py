@@ -41,11 +41,13 @@ def test_bad_config_stops_with_the_key_named(tmp_path):
         result.stdout + result.stderr)
 
 
-def test_tile_target_runs_and_records_a_missing_slide(tmp_path):
+def test_tile_target_runs_and_records_a_missing_slide(tmp_path, shared_data):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"output_dir": "out", "datasets": {"demo": {
-        "kind": "wsi", "resolution": "20x",
-        "inputs": [str(DEMO_SLIDE), str(tmp_path / "gone slide é.svs")]}}}))
+    config.write_text(yaml.safe_dump({"output_dir": "out", "datasets": {
+        "demo": {"kind": "wsi", "resolution": "20x",
+                 "inputs": [str(DEMO_SLIDE), str(tmp_path / "gone slide é.svs")]},
+        "naip": {"kind": "aerial", "resolution": 5.0, "bands": [1, 2, 3],
+                 "inputs": [str(shared_data / "aerial" / "m_4709963_se_14_1_2019*.tif")]}}}))
     result = run_snakemake("--cores", "2", "--configfile", str(config), "--directory", str(tmp_path), "tile")
     assert result.returncode == 0, result.stderr[-3000:]
     status = pd.read_csv(tmp_path / "out/tiles/demo/status.tsv", sep="\t").set_index("input_id")
@@ -55,6 +57,9 @@ def test_tile_target_runs_and_records_a_missing_slide(tmp_path):
     samples = read_shards(tmp_path / "out/tiles/demo/inputs/cmu_small_region")
     assert len(index) == len(samples) == status.loc["cmu_small_region", "patch_count"] > 0
     assert "FAILED gone slide é.svs: not_found" in (tmp_path / "out/logs/tile/demo/summary.log").read_text()
+    aerial = pd.read_csv(tmp_path / "out/tiles/naip/status.tsv", sep="\t")
+    assert list(aerial.status) == ["done"] and aerial.crs[0] == "EPSG:26914"
+    assert aerial.patch_count[0] == len(pd.read_parquet(tmp_path / "out/tiles/naip/manifest.parquet")) > 0
 
 
 def test_cli_validate_config_reports_errors(tmp_path):

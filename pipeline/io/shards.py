@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+import webdataset
 from webdataset import TarWriter
 
-from pipeline.io.atomic import remove_path, temp_sibling
+from pipeline.io.atomic import atomic_file, remove_path, temp_sibling
 
 # WebDataset splits "key.ext" at the first dot, so keys must not contain one.
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -44,11 +45,31 @@ def encode_image(rgb: np.ndarray, image_format: str, jpeg_quality: int = 95) -> 
 
 def decode_image(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
 
 
 def encode_json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _tar_writer(stream) -> TarWriter:
+    return TarWriter(stream, encoder=False, mtime=TAR_MTIME, user="rldiff", group="rldiff")
+
+
+def read_shard(path: str | Path) -> list[dict[str, Any]]:
+    """All samples of one tar shard, in order, undecoded: {'__key__': key, ext: bytes, ...}."""
+    dataset = webdataset.WebDataset(str(path), shardshuffle=False, empty_check=False)
+    return [{k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")} for sample in dataset]
+
+
+def write_shard(final: str | Path, samples: list[dict[str, Any]]) -> None:
+    """Write one complete shard atomically; each sample is {'__key__': key, ext: bytes, ...}."""
+    with atomic_file(final) as temp, open(temp, "wb") as stream:
+        writer = _tar_writer(stream)
+        for sample in samples:
+            check_key(sample["__key__"])
+            writer.write(sample)
+        writer.close()
 
 
 class ShardWriter:
@@ -72,7 +93,7 @@ class ShardWriter:
         self._final = self.folder / name
         self._temp = temp_sibling(self._final)
         self._stream = open(self._temp, "wb")
-        self._writer = TarWriter(self._stream, encoder=False, mtime=TAR_MTIME, user="rldiff", group="rldiff")
+        self._writer = _tar_writer(self._stream)
         self.shard_names.append(name)
         self._count = 0
 

@@ -28,6 +28,7 @@ from pipeline.tiling.failures import Reason, TilingError
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+INTEGER_STATUS_COLUMNS = {"patch_count", "width", "height", "grid_cols", "grid_rows", "read_level", "band_count"}
 MANIFEST_FILE = "manifest.parquet"
 THUMBNAIL_FILE = "thumbnail.jpg"
 
@@ -105,7 +106,11 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
             finally:
                 source.close()
             status.update(status="done", reason=None, message=None, patch_count=len(rows))
-        except TilingError as failure:
+        except Exception as exc:  # noqa: BLE001 - one bad input must never stop the dataset
+            failure = exc if isinstance(exc, TilingError) else TilingError(
+                path, Reason.UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, TilingError):
+                log.exception("unexpected error while tiling %s", path)
             for leftover in temp.iterdir():  # drop shards of a half-read input
                 leftover.unlink()
             rows = []
@@ -131,6 +136,9 @@ def summarize_dataset(input_dirs: list[str | Path], status_out: str | Path,
     table = pd.DataFrame.from_records(statuses)
     columns = ["input_id", "source", "status", "reason", "patch_count", "message"]
     table = table[columns + [c for c in table.columns if c not in columns]]
+    # Failed inputs lack some facts; keep counts integer (nullable) instead of 4.0-style floats.
+    for column in INTEGER_STATUS_COLUMNS & set(table.columns):
+        table[column] = table[column].astype("Int64")
     with atomic_file(status_out) as temp:
         table.to_csv(temp, sep="\t", index=False)
     index = pd.concat(manifests, ignore_index=True) if manifests else _manifest_frame([])

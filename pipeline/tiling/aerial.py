@@ -1,0 +1,249 @@
+"""Aerial GeoTIFFs through rasterio: georeferencing checks, a ground-distance grid, strip reads.
+
+The grid is laid out in target pixels from the image's top-left corner: tile ``(col, row)``
+covers ``patch_size`` target pixels of ``target_mpp`` metres each, i.e. ``read_size`` source
+pixels per side (fractional in general). Tiles are resampled by GDAL while reading (average
+when shrinking, so overviews are used; bilinear when enlarging) and copied exactly when the
+source already has the target ground sample distance. Only whole tiles are cut.
+
+Nodata, internal masks and alpha all reach us as GDAL band masks; a tile whose masked share
+exceeds ``max_nodata_fraction`` is dropped, and masked pixels of kept tiles are set to 0.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from PIL import Image, ImageDraw
+from rasterio._err import CPLE_BaseError  # GDAL errors rasterio does not always wrap
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import NodataShadowWarning, NotGeoreferencedWarning, RasterioError
+from rasterio.io import DatasetReader
+from rasterio.windows import Window
+
+from pipeline.config import DatasetSpec
+from pipeline.tiling.failures import Reason, TilingError, check_readable_file
+from pipeline.tiling.outputs import Patch
+
+QC_MAX_SIDE = 1024
+# A read size this close to a whole number of source pixels is that number: float noise in
+# the geotransform must not turn an exact copy into a resampling.
+SNAP_TOLERANCE = 1e-6
+GDAL_ERRORS = (RasterioError, CPLE_BaseError)
+
+
+def gdal_message(exc: BaseException) -> str:
+    """The GDAL error rasterio chains, when there is one: it says what broke, rasterio's does not."""
+    return str(exc.__cause__ or exc)
+
+
+def open_dataset(path: Path) -> DatasetReader:
+    try:
+        with warnings.catch_warnings():
+            # Missing georeferencing is reported as a typed failure below, not as a warning.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except GDAL_ERRORS as exc:
+        raise TilingError(path, Reason.OPEN_FAILED, f"rasterio cannot open it: {gdal_message(exc)}") from exc
+
+
+def pixel_size(transform: Affine) -> tuple[float, float]:
+    """Ground size of one source pixel along its columns and rows, in CRS units (rotation allowed)."""
+    return math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
+
+
+def metres_per_crs_unit(dataset: DatasetReader, path: Path) -> float:
+    """Check the georeferencing and return the CRS's linear unit in metres (1 for metres, 0.3048 for feet)."""
+    crs = dataset.crs
+    if crs is None or not crs.to_wkt():
+        hint = "; it has ground control points only: warp it first (gdalwarp)" if dataset.gcps[0] else ""
+        raise TilingError(path, Reason.NO_CRS, f"no coordinate reference system{hint}")
+    if crs.is_geographic:
+        raise TilingError(path, Reason.CRS_IN_DEGREES,
+                          f"{crs.to_string()} is geographic (degrees): reproject to a projected CRS in metres")
+    if dataset.transform.is_identity or min(pixel_size(dataset.transform)) <= 0:
+        raise TilingError(path, Reason.NO_CRS, f"a CRS ({crs.to_string()}) but no geotransform")
+    try:
+        _unit, factor = crs.linear_units_factor
+    except RasterioError as exc:
+        raise TilingError(path, Reason.NO_CRS, f"{crs.to_string()} has no linear unit: {exc}") from exc
+    return float(factor)
+
+
+def check_bands(dataset: DatasetReader, path: Path, bands: tuple[int, ...]) -> None:
+    missing = [band for band in bands if not 1 <= band <= dataset.count]
+    if missing:
+        raise TilingError(path, Reason.UNSUPPORTED_BANDS,
+                          f"bands {list(bands)} configured, but the image has {dataset.count} band(s)")
+    dtypes = {dataset.dtypes[band - 1] for band in bands}
+    if dtypes != {"uint8"}:
+        raise TilingError(path, Reason.UNSUPPORTED_DTYPE,
+                          f"bands {list(bands)} are {sorted(dtypes)}; only 8-bit (uint8) imagery is tiled")
+
+
+def snap(value: float) -> float:
+    nearest = round(value)
+    return float(nearest) if abs(value - nearest) <= SNAP_TOLERANCE * max(1.0, value) else value
+
+
+def resampling_for(read_size: float, patch_size: int) -> Resampling:
+    # Area interpolation when shrinking (GDAL picks a suitable overview first); smooth when enlarging.
+    return Resampling.average if read_size > patch_size else Resampling.bilinear
+
+
+def has_mask(dataset: DatasetReader, bands: tuple[int, ...]) -> bool:
+    """Whether GDAL masks any pixel of the configured bands (nodata, internal mask or alpha)."""
+    return any(MaskFlags.all_valid not in dataset.mask_flag_enums[band - 1] for band in bands)
+
+
+def tile_transform(source: Affine, x: float, y: float, scale_x: float, scale_y: float) -> tuple[float, ...]:
+    """[a, b, c, d, e, f] of a tile starting at source pixel (x, y), with target pixels of
+    ``scale`` source pixels (written out: affine's ``*`` is deprecated, its ``@`` is recent)."""
+    a, b, c, d, e, f = (float(v) for v in tuple(source)[:6])
+    return (a * scale_x, b * scale_y, c + a * x + b * y, d * scale_x, e * scale_y, f + d * x + e * y)
+
+
+def pixel_to_crs(transform: tuple[float, ...], col: float, row: float) -> tuple[float, float]:
+    a, b, c, d, e, f = transform
+    return a * col + b * row + c, d * col + e * row + f
+
+
+class AerialSource:
+    """A GeoTIFF opened for tiling: checks and plans the grid at construction."""
+
+    def __init__(self, path: Path, spec: DatasetSpec):
+        check_readable_file(path)
+        self.path = path
+        self.spec = spec
+        self.dataset = open_dataset(path)
+        try:
+            self._plan()
+        except BaseException:
+            self.dataset.close()
+            raise
+
+    def _plan(self) -> None:
+        dataset, spec, path = self.dataset, self.spec, self.path
+        unit = metres_per_crs_unit(dataset, path)
+        check_bands(dataset, path, spec.bands)
+        self.bands = tuple(spec.bands)
+        size_x, size_y = pixel_size(dataset.transform)
+        self.source_gsd = size_x * unit
+        # Source pixels per tile side; x and y differ only for non-square source pixels.
+        self.read_w = snap(spec.patch_size * spec.target_mpp / (size_x * unit))
+        self.read_h = snap(spec.patch_size * spec.target_mpp / (size_y * unit))
+        self.exact_copy = self.read_w == self.read_h == spec.patch_size
+        self.resampling = resampling_for(max(self.read_w, self.read_h), spec.patch_size)
+        self.masked = has_mask(dataset, self.bands)
+        # Whole tiles only: a partial edge tile is dropped, never stretched.
+        self.cols = math.floor(dataset.width / self.read_w + SNAP_TOLERANCE)
+        self.rows = math.floor(dataset.height / self.read_h + SNAP_TOLERANCE)
+        self.crs = dataset.crs.to_string()
+        self.info: dict[str, Any] = {
+            "source_gsd": self.source_gsd, "gsd": spec.target_mpp, "crs": self.crs,
+            "width": dataset.width, "height": dataset.height, "band_count": dataset.count,
+            "dtype": ",".join(sorted(set(dataset.dtypes))), "bands": list(self.bands),
+            "read_size": self.read_w, "grid_cols": self.cols, "grid_rows": self.rows,
+        }
+        if self.cols == 0 or self.rows == 0:
+            raise TilingError(path, Reason.TOO_SMALL,
+                              f"{dataset.width}x{dataset.height} px at {self.source_gsd:.4g} m/px is smaller than "
+                              f"one {spec.patch_size}px tile at {spec.target_mpp:g} m/px")
+        self.kept: list[tuple[int, int]] = []
+
+    def _read_strip(self, row: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """One row of tiles as (bands x patch x cols*patch uint8, valid-pixel mask or None).
+
+        One read per tile row rather than per tile, so each internal (compressed) block is
+        decoded about once: the tiles of a row share its blocks, and a block that also reaches
+        into the next tile row is normally still in GDAL's block cache.
+        """
+        patch = self.spec.patch_size
+        if self.exact_copy:  # whole-pixel window at the target resolution: plain copy
+            window = Window(0, row * patch, self.cols * patch, patch)
+            shape = None
+        else:
+            window = Window(0, row * self.read_h, self.cols * self.read_w, self.read_h)
+            shape = (len(self.bands), patch, self.cols * patch)
+        try:
+            pixels = self.dataset.read(self.bands, window=window, out_shape=shape, resampling=self.resampling)
+            valid = None
+            if self.masked:
+                with warnings.catch_warnings():
+                    # GDAL lets a nodata value win over an alpha band; that is the order we document.
+                    warnings.simplefilter("ignore", NodataShadowWarning)
+                    masks = self.dataset.read_masks(self.bands, window=window, out_shape=shape,
+                                                    resampling=Resampling.nearest)
+                # Like GDAL's dataset mask: a pixel is nodata only when all bands used say so.
+                # An alpha band's own mask is all-valid, so configuring a band tagged alpha as a
+                # colour (an RGBN file written as RGBA) turns the alpha masking off, as it should.
+                valid = masks.any(axis=0)
+        except GDAL_ERRORS as exc:
+            raise TilingError(self.path, Reason.READ_FAILED,
+                              f"reading tile row {row} failed: {gdal_message(exc)}") from exc
+        return pixels, valid
+
+    def patches(self) -> Iterator[Patch]:
+        patch = self.spec.patch_size
+        for row in range(self.rows):
+            pixels, valid = self._read_strip(row)
+            for col in range(self.cols):
+                columns = slice(col * patch, (col + 1) * patch)
+                rgb = np.ascontiguousarray(pixels[:, :, columns].transpose(1, 2, 0))
+                nodata_fraction = 0.0
+                if valid is not None:
+                    tile_valid = valid[:, columns]
+                    nodata_fraction = 1.0 - float(tile_valid.mean())
+                    if nodata_fraction > self.spec.max_nodata_fraction:
+                        continue
+                    rgb[~tile_valid] = 0  # no stray nodata fill values inside kept tiles
+                self.kept.append((row, col))
+                yield Patch(col=col, row=row, rgb=rgb, meta=self._tile_meta(col, row, nodata_fraction))
+
+    def _tile_meta(self, col: int, row: int, nodata_fraction: float) -> dict[str, Any]:
+        patch = self.spec.patch_size
+        x, y = col * self.read_w, row * self.read_h
+        affine = tile_transform(self.dataset.transform, x, y, self.read_w / patch, self.read_h / patch)
+        corners = [pixel_to_crs(affine, col_px, row_px) for col_px, row_px in
+                   ((0, 0), (patch, 0), (0, patch), (patch, patch))]
+        xs, ys = [corner[0] for corner in corners], [corner[1] for corner in corners]
+        return {
+            "x": float(x), "y": float(y), "read_size": float(self.read_w),
+            "gsd": self.spec.target_mpp, "source_gsd": self.source_gsd, "crs": self.crs,
+            "transform": list(affine),
+            "bounds": [min(xs), min(ys), max(xs), max(ys)], "bands": list(self.bands),
+            "nodata_fraction": round(nodata_fraction, 6),
+        }
+
+    def qc_thumbnail(self) -> Image.Image:
+        """The configured bands as RGB (longest side at most QC_MAX_SIDE), kept tiles outlined in blue."""
+        width, height = self.dataset.width, self.dataset.height
+        scale = max(1.0, max(width, height) / QC_MAX_SIDE)
+        size = (max(1, round(width / scale)), max(1, round(height / scale)))
+        try:  # an out_shape read lets GDAL use the overviews instead of decoding full resolution
+            pixels = self.dataset.read(self.bands, out_shape=(len(self.bands), size[1], size[0]),
+                                       resampling=Resampling.average)
+        except GDAL_ERRORS as exc:
+            raise TilingError(self.path, Reason.READ_FAILED,
+                              f"reading the overview failed: {gdal_message(exc)}") from exc
+        overview = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), "RGB")
+        draw = ImageDraw.Draw(overview)
+        sx, sy = width / size[0], height / size[1]
+        for row, col in self.kept:
+            x0, y0 = col * self.read_w / sx, row * self.read_h / sy
+            draw.rectangle([x0, y0, x0 + self.read_w / sx, y0 + self.read_h / sy], outline=(0, 0, 255))
+        return overview
+
+    def close(self) -> None:
+        self.dataset.close()
+
+
+def open_aerial_source(path: str | Path, spec: DatasetSpec) -> AerialSource:
+    return AerialSource(Path(path), spec)
