@@ -1,6 +1,6 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
 #   snakemake --cores N            every stage that exists
-#   snakemake --cores N tile       one stage (targets: tile)
+#   snakemake --cores N tile       one stage (targets: tile, embed)
 # Configuration: workflow_config.yaml, validated against pipeline/schemas/workflow_config.schema.yaml.
 from snakemake.utils import min_version
 
@@ -19,9 +19,11 @@ wildcard_constraints:
 
 
 include: "rules/tile.smk"
+include: "rules/embed.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.tile.input,
+        rules.embed.input,

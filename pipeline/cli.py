@@ -28,6 +28,31 @@ def _tile_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_input(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.embedding.extract import RunSettings, embed_input
+    from pipeline.embedding.encoders import build_encoder
+
+    settings = RunSettings(**json.loads(args.settings))
+    encoders = [build_encoder(name, weights=s.get("weights"), hub_id=s.get("hub_id"),
+                              allow_random_weights=s.get("allow_random_weights", False))
+                for name, s in json.loads(args.encoders).items()]
+    device = settings.torch_device()
+    encoders = [encoder.to(device) for encoder in encoders]
+    manifest = embed_input(args.tiles, args.out, encoders, settings)
+    print(f"{args.out}: {len(manifest)} patches embedded with {', '.join(e.spec.name for e in encoders)}")
+    return 0
+
+
+def _embed_index(args: argparse.Namespace) -> int:
+    from pipeline.embedding.extract import write_dataset_index
+
+    index = write_dataset_index([Path(p).parent for p in args.inputs], args.out)
+    print(f"{args.out}: {len(index)} patches")
+    return 0
+
+
 def _tile(args: argparse.Namespace) -> int:
     from pipeline.tiling.run import tile_dataset
 
@@ -63,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=_tile_summary)
+
+    p = sub.add_parser("embed-input", help="embed one tiled input with SSL encoders (resumable)")
+    p.add_argument("--tiles", required=True, help="the input's tiling folder")
+    p.add_argument("--out", required=True, help="output folder (shards, then manifest.parquet)")
+    p.add_argument("--encoders", required=True,
+                   help='JSON {name: {"weights": path|null, "hub_id": id|null, "allow_random_weights": bool}}')
+    p.add_argument("--settings", default="{}", help='JSON {"batch_size", "num_workers", "device"}')
+    p.set_defaults(func=_embed_input)
+
+    p = sub.add_parser("embed-index", help="gather per-input embedding manifests into the dataset index")
+    p.add_argument("--out", required=True)
+    p.add_argument("inputs", nargs="+", help="per-input manifest.parquet files")
+    p.set_defaults(func=_embed_index)
 
     p = sub.add_parser("tile", help="tile datasets without Snakemake (sequential)")
     p.add_argument("config")

@@ -121,6 +121,7 @@ class DatasetSpec:
     image_format: str
     jpeg_quality: int
     patches_per_shard: int
+    encoders: tuple[str, ...] = ()
 
     def only(self, input_id: str) -> "DatasetSpec":
         """The same spec restricted to one input (what one tiling job needs)."""
@@ -133,6 +134,7 @@ class DatasetSpec:
     def from_json(cls, text: str) -> "DatasetSpec":
         data = json.loads(text)
         data["bands"] = tuple(data["bands"])
+        data["encoders"] = tuple(data["encoders"])
         return cls(**data)
 
 
@@ -182,7 +184,12 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
             image_format=ds["image_format"],
             jpeg_quality=ds["jpeg_quality"],
             patches_per_shard=ds["patches_per_shard"],
+            encoders=tuple(ds["encoders"]),
         )
+        for encoder in ds["encoders"]:
+            if encoder not in config["encoders"]:
+                raise ConfigError(f"datasets.{name}.encoders: {encoder!r} has no entry under "
+                                  f"`encoders:` saying where its weights are")
     return specs
 
 

@@ -93,3 +93,18 @@ def test_glob_matching_nothing_is_an_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"datasets\.demo_he_20x\.inputs: pattern 'nowhere/\*\.svs' matches no file"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_schema_encoder_names_are_the_registry():
+    from pipeline.config import load_schema
+    from pipeline.embedding.encoders import ENCODERS
+
+    assert set(load_schema()["$defs"]["encoder_name"]["enum"]) == set(ENCODERS)
+
+
+def test_dataset_encoder_needs_weights_settings():
+    config = copy.deepcopy(DEMO)
+    config["encoders"] = {}
+    with pytest.raises(ConfigError, match=r"datasets\.demo_he_20x\.encoders: 'hipt_vit_s16' has no entry"):
+        from pipeline.config import resolve_datasets
+        resolve_datasets(validate_config(config), REPO)

@@ -22,10 +22,10 @@ def test_lint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dry_run_lists_the_tiling_stage():
+def test_dry_run_lists_the_stages():
     result = run_snakemake("-n", "--cores", "1")
     assert result.returncode == 0, result.stderr
-    for rule in ("tile_input", "tile_dataset", "all"):
+    for rule in ("tile_input", "tile_dataset", "embed_input", "embed_dataset", "all"):
         assert rule in result.stdout
     targeted = run_snakemake("-n", "--cores", "1", "tile")
     assert targeted.returncode == 0 and "tile_dataset" in targeted.stdout
@@ -69,3 +69,21 @@ def test_cli_validate_config_reports_errors(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "datasets.d.resolution" in result.stderr
+
+
+def test_embed_target_runs_the_demo_dataset(tmp_path):
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    config["output_dir"] = "out"
+    config["datasets"]["demo_he_20x"]["inputs"] = [str(DEMO_SLIDE)]
+    config["datasets"]["demo_he_20x"]["tissue_threshold"] = 0.9  # fewer patches: a faster test
+    config["embedding"].update(device="cpu", num_workers=0)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
+                           "--directory", str(tmp_path), "embed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tiles = pd.read_parquet(tmp_path / "out/tiles/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
+    index = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/index.parquet")
+    assert list(index.key) == list(tiles.key) and len(index) > 0
+    sample = read_shards(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region")[0]
+    assert "hipt_vit_s16.npy" in sample
+    assert "RANDOM weights" in (tmp_path / "out/logs/embed/demo_he_20x/cmu_small_region.log").read_text()

@@ -1,0 +1,1 @@
+"""Stage 2: SSL patch embeddings (encoder registry, checkpoint conversion, extraction)."""

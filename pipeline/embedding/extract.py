@@ -1,0 +1,162 @@
+"""Stage 2: embed every tiled patch with one or more SSL encoders.
+
+For each input, every tiling shard ``patches-NNNNNN.tar`` becomes an embedding shard of the
+same name whose samples keep the key, the image bytes and the json of the tiling stage, plus
+one ``<encoder>.npy`` (float16 vector) per encoder. Each output shard is written atomically and
+a finished one is never recomputed, so a killed run resumes where it stopped. The input's
+``manifest.parquet`` is written last and marks the input as complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.io.atomic import atomic_file, remove_path
+from pipeline.io.shards import decode_image, encode_json, read_shard, write_shard
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "png")
+INDEX_COLUMNS = ["key", "input_id", "source", "x", "y", "col", "row", "shard"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def image_field(sample: dict[str, Any]) -> str:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return ext
+    raise ValueError(f"sample {sample['__key__']!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+
+
+class PatchImages(Dataset):
+    """Decodes the images of one shard's samples (in DataLoader workers) into uint8 CHW tensors."""
+
+    def __init__(self, samples: Sequence[dict[str, Any]]):
+        self.images = [sample[image_field(sample)] for sample in samples]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(decode_image(self.images[index])).permute(2, 0, 1).contiguous()
+
+
+def encoder_record(encoder) -> dict[str, Any]:
+    """What identifies an embedding: encoder name, spec hash, weights hash, random or not."""
+    return {"spec_sha256": encoder.spec_hash, "weights_sha256": encoder.weights_sha256,
+            "random_weights": bool(encoder.random_weights), "dim": encoder.spec.output_dim}
+
+
+def npy_bytes(vector: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, vector, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@torch.inference_mode()
+def embed_images(encoders: Sequence[Any], images: Dataset, settings: RunSettings,
+                 progress: tqdm | None = None) -> dict[str, np.ndarray]:
+    """Embeddings [N, D] (float16) of every image for every encoder, in dataset order."""
+    device = settings.torch_device()
+    loader = DataLoader(images, batch_size=settings.batch_size, num_workers=settings.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    outputs: dict[str, list[np.ndarray]] = {e.spec.name: [] for e in encoders}
+    # bf16 on GPU (the published encoders are run this way for extraction); full fp32 on CPU.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for batch in loader:
+        batch = batch.to(device, non_blocking=True)
+        with autocast:
+            for encoder in encoders:
+                vectors = encoder(encoder.preprocess(batch)).float()
+                outputs[encoder.spec.name].append(vectors.cpu().numpy().astype(np.float16))
+        if progress is not None:
+            progress.update(len(batch))
+    return {name: np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
+            for name, parts in outputs.items()}
+
+
+def embed_shard(source: Path, target: Path, encoders: Sequence[Any], settings: RunSettings,
+                progress: tqdm | None = None) -> int:
+    """Embed one tiling shard into ``target`` (atomic). Returns the number of samples."""
+    samples = read_shard(source)
+    vectors = embed_images(encoders, PatchImages(samples), settings, progress)
+    records = {e.spec.name: encoder_record(e) for e in encoders}
+    out = []
+    for index, sample in enumerate(samples):
+        meta = json.loads(sample["json"])
+        meta["encoders"] = {**meta.get("encoders", {}), **records}
+        fields = {"__key__": sample["__key__"], image_field(sample): sample[image_field(sample)],
+                  "json": encode_json(meta)}
+        for name in records:
+            fields[f"{name}.npy"] = npy_bytes(vectors[name][index])
+        out.append(fields)
+    write_shard(target, out)
+    return len(out)
+
+
+def embed_input(tile_dir: str | Path, out_dir: str | Path, encoders: Sequence[Any],
+                settings: RunSettings) -> pd.DataFrame:
+    """Embed every shard of one tiled input; skip shards already finished; write the manifest last."""
+    tile_dir, out_dir = Path(tile_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.tmp-*"):  # left by a killed run: never a finished shard
+        remove_path(stale)
+    manifest = pd.read_parquet(tile_dir / "manifest.parquet")
+    shards = sorted(tile_dir.glob("patches-*.tar"))
+    todo = [s for s in shards if not (out_dir / s.name).exists()]
+    todo_count = int(manifest.shard.isin([s.name for s in todo]).sum()) if len(manifest) else 0
+    started = time.perf_counter()
+    with tqdm(total=todo_count, unit="patch", desc=out_dir.name, disable=todo_count == 0,
+              mininterval=2.0) as progress:
+        for shard in todo:
+            embed_shard(shard, out_dir / shard.name, encoders, settings, progress)
+    if todo_count:
+        log.info("%s: %d patches in %.1f s (%.1f patches/s), %d of %d shards were already done",
+                 out_dir.name, todo_count, time.perf_counter() - started,
+                 todo_count / max(time.perf_counter() - started, 1e-9), len(shards) - len(todo), len(shards))
+    for encoder in encoders:
+        manifest[f"{encoder.spec.name}_spec_sha256"] = encoder.spec_hash
+        manifest[f"{encoder.spec.name}_weights_sha256"] = encoder.weights_sha256
+    with atomic_file(out_dir / "manifest.parquet") as temp:
+        manifest.to_parquet(temp, index=False)
+    return manifest
+
+
+def write_dataset_index(input_dirs: Sequence[str | Path], final: str | Path) -> pd.DataFrame:
+    """The dataset's embedding index: one row per patch (key, slide, x, y, col, row, shard)."""
+    frames = []
+    for folder in map(Path, input_dirs):
+        frame = pd.read_parquet(folder / "manifest.parquet")
+        frame.insert(1, "input_id", folder.name)
+        frame["shard"] = [str(Path(folder.name) / name) for name in frame.shard] if len(frame) else frame.get("shard")
+        frames.append(frame)
+    index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
+    if "slide" not in index.columns:
+        index["slide"] = index.get("source")
+    with atomic_file(final) as temp:
+        index.to_parquet(temp, index=False)
+    return index
