@@ -26,7 +26,8 @@ import torch
 
 from pipeline.config import DatasetSpec
 from pipeline.embedding.encoders import build_encoder
-from pipeline.embedding.extract import PatchImages, RunSettings, embed_input
+from pipeline.embedding.extract import RunSettings, embed_input
+from pipeline.io.shard_stage import PatchImages
 from pipeline.io.shards import read_shard
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source

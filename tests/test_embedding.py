@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import torch
 from helpers import DEMO_SLIDE, REPO, decode, make_spec, read_shards
 from pipeline.embedding.encoders import build_encoder
 from pipeline.embedding.extract import RunSettings, embed_input, write_dataset_index
+from pipeline.io.shards import decode_npy
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source
 
@@ -56,10 +56,6 @@ def hipt():
         return build_encoder("hipt_vit_s16", allow_random_weights=True)
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 def test_embeddings_match_the_encoder_and_keep_keys(tiles, hipt, embedded):
     folder, manifest = embedded
     source, embedded = read_shards(tiles), read_shards(folder)
@@ -75,7 +71,7 @@ def test_embeddings_match_the_encoder_and_keep_keys(tiles, hipt, embedded):
         record = meta["encoders"]["hipt_vit_s16"]
         assert record["random_weights"] is True and record["weights_sha256"] == "random"
         assert record["spec_sha256"] == hipt.spec_hash and record["dim"] == 384
-        vector = load_npy(after["hipt_vit_s16.npy"])
+        vector = decode_npy(after["hipt_vit_s16.npy"])
         assert vector.dtype == np.float16 and vector.shape == (384,)
         if index < 4:
             np.testing.assert_allclose(vector.astype(np.float32), expected[index], rtol=1e-2, atol=1e-2)
@@ -87,8 +83,8 @@ def test_several_encoders_each_add_their_array(tiles, hipt, tmp_path):
     one_shard = keep_shards(tiles, tmp_path / "tiles", 1)
     embed_input(one_shard, tmp_path / "emb", [hipt, dino], SETTINGS)
     for sample in read_shards(tmp_path / "emb"):
-        assert load_npy(sample["hipt_vit_s16.npy"]).shape == (384,)
-        assert load_npy(sample["dino_vitb16.npy"]).shape == (768,)
+        assert decode_npy(sample["hipt_vit_s16.npy"]).shape == (384,)
+        assert decode_npy(sample["dino_vitb16.npy"]).shape == (768,)
         assert set(json.loads(sample["json"])["encoders"]) == {"hipt_vit_s16", "dino_vitb16"}
 
 

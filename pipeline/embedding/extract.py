@@ -9,10 +9,7 @@ a finished one is never recomputed, so a killed run resumes where it stopped. Th
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.io.atomic import atomic_file, remove_path
-from pipeline.io.shards import decode_image, encode_json, read_shard, write_shard
+from pipeline.io.atomic import atomic_file
+from pipeline.io.shard_stage import PatchImages, process_shards, resolve_device
+from pipeline.io.shards import encode_json, encode_npy, image_field, read_shard, write_shard
 
-log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "png")
 INDEX_COLUMNS = ["key", "input_id", "source", "x", "y", "col", "row", "shard"]
 
 
@@ -40,41 +35,13 @@ class RunSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-
-def image_field(sample: dict[str, Any]) -> str:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            return ext
-    raise ValueError(f"sample {sample['__key__']!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
-
-
-class PatchImages(Dataset):
-    """Decodes the images of one shard's samples (in DataLoader workers) into uint8 CHW tensors."""
-
-    def __init__(self, samples: Sequence[dict[str, Any]]):
-        self.images = [sample[image_field(sample)] for sample in samples]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(decode_image(self.images[index])).permute(2, 0, 1).contiguous()
+        return resolve_device(self.device)
 
 
 def encoder_record(encoder) -> dict[str, Any]:
     """What identifies an embedding: encoder name, spec hash, weights hash, random or not."""
     return {"spec_sha256": encoder.spec_hash, "weights_sha256": encoder.weights_sha256,
             "random_weights": bool(encoder.random_weights), "dim": encoder.spec.output_dim}
-
-
-def npy_bytes(vector: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, vector, allow_pickle=False)
-    return buffer.getvalue()
 
 
 @torch.inference_mode()
@@ -112,7 +79,7 @@ def embed_shard(source: Path, target: Path, encoders: Sequence[Any], settings: R
         fields = {"__key__": sample["__key__"], image_field(sample): sample[image_field(sample)],
                   "json": encode_json(meta)}
         for name in records:
-            fields[f"{name}.npy"] = npy_bytes(vectors[name][index])
+            fields[f"{name}.npy"] = encode_npy(vectors[name][index])
         out.append(fields)
     write_shard(target, out)
     return len(out)
@@ -121,29 +88,17 @@ def embed_shard(source: Path, target: Path, encoders: Sequence[Any], settings: R
 def embed_input(tile_dir: str | Path, out_dir: str | Path, encoders: Sequence[Any],
                 settings: RunSettings) -> pd.DataFrame:
     """Embed every shard of one tiled input; skip shards already finished; write the manifest last."""
-    tile_dir, out_dir = Path(tile_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp-*"):  # left by a killed run: never a finished shard
-        remove_path(stale)
-    manifest = pd.read_parquet(tile_dir / "manifest.parquet")
-    shards = sorted(tile_dir.glob("patches-*.tar"))
-    todo = [s for s in shards if not (out_dir / s.name).exists()]
-    todo_count = int(manifest.shard.isin([s.name for s in todo]).sum()) if len(manifest) else 0
-    started = time.perf_counter()
-    with tqdm(total=todo_count, unit="patch", desc=out_dir.name, disable=todo_count == 0,
-              mininterval=2.0) as progress:
-        for shard in todo:
-            embed_shard(shard, out_dir / shard.name, encoders, settings, progress)
-    if todo_count:
-        log.info("%s: %d patches in %.1f s (%.1f patches/s), %d of %d shards were already done",
-                 out_dir.name, todo_count, time.perf_counter() - started,
-                 todo_count / max(time.perf_counter() - started, 1e-9), len(shards) - len(todo), len(shards))
-    for encoder in encoders:
-        manifest[f"{encoder.spec.name}_spec_sha256"] = encoder.spec_hash
-        manifest[f"{encoder.spec.name}_weights_sha256"] = encoder.weights_sha256
-    with atomic_file(out_dir / "manifest.parquet") as temp:
-        manifest.to_parquet(temp, index=False)
-    return manifest
+
+    def embed(source: Path, target: Path, progress: tqdm) -> int:
+        return embed_shard(source, target, encoders, settings, progress)
+
+    def add_hashes(manifest: pd.DataFrame) -> pd.DataFrame:
+        for encoder in encoders:
+            manifest[f"{encoder.spec.name}_spec_sha256"] = encoder.spec_hash
+            manifest[f"{encoder.spec.name}_weights_sha256"] = encoder.weights_sha256
+        return manifest
+
+    return process_shards(tile_dir, out_dir, embed, add_hashes)
 
 
 def write_dataset_index(input_dirs: Sequence[str | Path], final: str | Path) -> pd.DataFrame:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,39 @@ def _tar_writer(stream) -> TarWriter:
     return TarWriter(stream, encoder=False, mtime=TAR_MTIME, user="rldiff", group="rldiff")
 
 
+def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The samples of one tar shard, in order, undecoded: {'__key__': key, ext: bytes, ...}."""
+    # No node/worker splitting: this reads one whole shard, whatever process it runs in
+    # (webdataset's defaults raise under torch.distributed and split shards across workers).
+    dataset = webdataset.WebDataset(str(path), shardshuffle=False, empty_check=False,
+                                    nodesplitter=None, workersplitter=None)
+    for sample in dataset:
+        yield {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+
+
 def read_shard(path: str | Path) -> list[dict[str, Any]]:
-    """All samples of one tar shard, in order, undecoded: {'__key__': key, ext: bytes, ...}."""
-    dataset = webdataset.WebDataset(str(path), shardshuffle=False, empty_check=False)
-    return [{k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")} for sample in dataset]
+    return list(iter_shard(path))
+
+
+IMAGE_EXTENSIONS = ("jpg", "png")
+
+
+def image_field(sample: dict[str, Any]) -> str:
+    """The member of a sample that holds its patch image."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return ext
+    raise ValueError(f"sample {sample['__key__']!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def write_shard(final: str | Path, samples: list[dict[str, Any]]) -> None:

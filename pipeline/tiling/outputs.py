@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.config import DatasetSpec
-from pipeline.io.atomic import atomic_dir, atomic_file, write_text_atomic
+from pipeline.io.atomic import atomic_dir, atomic_file
 from pipeline.io.shards import ShardWriter, encode_image, encode_json
 from pipeline.tiling.failures import Reason, TilingError
 
