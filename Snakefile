@@ -1,6 +1,6 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
 #   snakemake --cores N            every stage that exists
-#   snakemake --cores N tile       one stage (targets: tile, embed)
+#   snakemake --cores N tile       one stage (targets: tile, embed, latents, train)
 # Configuration: workflow_config.yaml, validated against pipeline/schemas/workflow_config.schema.yaml.
 from snakemake.utils import min_version
 
@@ -20,6 +20,8 @@ wildcard_constraints:
 
 include: "rules/tile.smk"
 include: "rules/embed.smk"
+include: "rules/latents.smk"
+include: "rules/train.smk"
 
 
 rule all:
@@ -27,3 +29,4 @@ rule all:
     input:
         rules.tile.input,
         rules.embed.input,
+        rules.train.input,

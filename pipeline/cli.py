@@ -53,6 +53,60 @@ def _embed_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_latents(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.latents import EncodeSettings, encode_input
+    from pipeline.latents.autoencoder import load_autoencoder
+
+    autoencoder = load_autoencoder(**json.loads(args.autoencoder))
+    manifest = encode_input(args.embeddings, args.out, autoencoder, EncodeSettings(**json.loads(args.settings)))
+    print(f"{args.out}: {len(manifest)} patches encoded")
+    return 0
+
+
+def training_config(settings: dict, embedding_key: str):
+    """The run's TrainConfig: the config's `training:` plus what the dataset implies."""
+    from pipeline.embedding.encoders import ENCODERS
+    from pipeline.training.config import TrainConfig
+
+    settings = {"embedding_key": embedding_key, **settings}
+    settings.setdefault("patch_embed_dim", ENCODERS[settings["embedding_key"]].output_dim)
+    return TrainConfig.from_dict(settings)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.io.atomic import write_text_atomic
+    from pipeline.training.run import last_checkpoint, train
+
+    config = training_config(json.loads(args.settings), args.embedding_key)
+    train(config, [Path(p).parent for p in args.latents], args.run)
+    checkpoint = last_checkpoint(args.run)
+    if args.done:
+        write_text_atomic(args.done, json.dumps({"checkpoint": str(checkpoint), "max_steps": config.max_steps}))
+    print(f"{args.run}: trained to step {config.max_steps}; {checkpoint}")
+    return 0
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.latents.autoencoder import load_autoencoder
+    from pipeline.training.export import export_checkpoint
+    from pipeline.training.run import last_checkpoint
+
+    checkpoint = last_checkpoint(args.run)
+    if checkpoint is None:
+        print(f"error: {args.run}: no checkpoint to export", file=sys.stderr)
+        return 2
+    export_checkpoint(checkpoint, args.out, load_autoencoder(**json.loads(args.autoencoder)),
+                      use_ema=not args.no_ema)
+    print(f"{args.out}: exported {checkpoint}")
+    return 0
+
+
 def _tile(args: argparse.Namespace) -> int:
     from pipeline.tiling.run import tile_dataset
 
@@ -101,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("inputs", nargs="+", help="per-input manifest.parquet files")
     p.set_defaults(func=_embed_index)
+
+    p = sub.add_parser("encode-latents", help="encode one embedded input with the first-stage autoencoder")
+    p.add_argument("--embeddings", required=True, help="the input's embedding folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--autoencoder", required=True, help='JSON {"kind", "path", "preset", "allow_random_weights"}')
+    p.add_argument("--settings", default="{}", help='JSON {"batch_size", "num_workers", "device", "flips"}')
+    p.set_defaults(func=_encode_latents)
+
+    p = sub.add_parser("train", help="train (or continue) a latent diffusion model on latent shards")
+    p.add_argument("--run", required=True, help="run folder: checkpoints/, logs; a re-run continues from last.ckpt")
+    p.add_argument("--embedding-key", required=True, help="the encoder whose embeddings condition the model")
+    p.add_argument("--settings", default="{}", help="JSON of TrainConfig fields")
+    p.add_argument("--done", help="file written when training reached max_steps")
+    p.add_argument("latents", nargs="+", help="per-input latent manifest.parquet files")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export-model", help="export a run's last checkpoint as diffusers folders")
+    p.add_argument("--run", required=True)
+    p.add_argument("--autoencoder", required=True, help="JSON, as for encode-latents")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even if an EMA exists")
+    p.set_defaults(func=_export_model)
 
     p = sub.add_parser("tile", help="tile datasets without Snakemake (sequential)")
     p.add_argument("config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -25,7 +26,8 @@ def test_lint_passes():
 def test_dry_run_lists_the_stages():
     result = run_snakemake("-n", "--cores", "1")
     assert result.returncode == 0, result.stderr
-    for rule in ("tile_input", "tile_dataset", "embed_input", "embed_dataset", "all"):
+    for rule in ("tile_input", "tile_dataset", "embed_input", "embed_dataset", "latents_input",
+                 "train_dataset", "export_model", "all"):
         assert rule in result.stdout
     targeted = run_snakemake("-n", "--cores", "1", "tile")
     assert targeted.returncode == 0 and "tile_dataset" in targeted.stdout
@@ -71,19 +73,32 @@ def test_cli_validate_config_reports_errors(tmp_path):
     assert "datasets.d.resolution" in result.stderr
 
 
-def test_embed_target_runs_the_demo_dataset(tmp_path):
+def test_train_target_runs_the_demo_chain(tmp_path):
+    """tile -> embed -> latents -> train -> export on the demo config, shortened."""
     config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
     config["output_dir"] = "out"
     config["datasets"]["demo_he_20x"]["inputs"] = [str(DEMO_SLIDE)]
     config["datasets"]["demo_he_20x"]["tissue_threshold"] = 0.9  # fewer patches: a faster test
     config["embedding"].update(device="cpu", num_workers=0)
+    config["latents"].update(device="cpu", num_workers=0)
+    config["training"].update(max_steps=12, checkpoint_every=6, log_every=3)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
-                           "--directory", str(tmp_path), "embed")
+                           "--directory", str(tmp_path), "train", "embed")
     assert result.returncode == 0, result.stderr[-3000:]
     tiles = pd.read_parquet(tmp_path / "out/tiles/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
-    index = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/index.parquet")
-    assert list(index.key) == list(tiles.key) and len(index) > 0
+    embedded = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
+    assert list(embedded.key) == list(tiles.key) and len(embedded) > 0
     sample = read_shards(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region")[0]
     assert "hipt_vit_s16.npy" in sample
     assert "RANDOM weights" in (tmp_path / "out/logs/embed/demo_he_20x/cmu_small_region.log").read_text()
+    latents = read_shards(tmp_path / "out/latents/demo_he_20x/inputs/cmu_small_region")
+    assert [s["__key__"] for s in latents] == list(tiles.key)
+    assert {"latent.npy", "latent_hflip.npy", "hipt_vit_s16.npy"} <= set(latents[0])
+    from pipeline.training.export import load_exported
+
+    model = load_exported(tmp_path / "out/models/demo_he_20x")
+    record = json.loads((tmp_path / "out/models/demo_he_20x/rldiff.json").read_text())
+    assert record["global_step"] == 12 and record["embedding_key"] == "hipt_vit_s16"
+    assert record["autoencoder"]["random_weights"] is True
+    assert model.unet.config.sample_size == 16

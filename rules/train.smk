@@ -1,0 +1,54 @@
+# Stage 4: one latent diffusion model per dataset, conditioned on the dataset's first encoder.
+# Checkpoints live in OUT/training/<dataset>/checkpoints/ (not declared outputs, so a killed job
+# keeps them and a re-run continues from last.ckpt); `done.json` marks a finished run.
+
+
+rule train_dataset:
+    input:
+        lambda w: expand(
+            f"{OUT}/latents/{{dataset}}/inputs/{{input_id}}/manifest.parquet",
+            dataset=w.dataset,
+            input_id=DATASETS[w.dataset].inputs,
+        ),
+    output:
+        f"{OUT}/training/{{dataset}}/done.json",
+    params:
+        pipeline=PIPELINE,
+        run=lambda w, output: str(Path(output[0]).parent),
+        embedding_key=lambda w: DATASETS[w.dataset].encoders[0],
+        settings=json.dumps(config["training"], sort_keys=True),
+    log:
+        f"{OUT}/logs/train/{{dataset}}.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=64000,
+        runtime=2880,
+        gpu=config["training"].get("devices", 1),
+    shell:
+        "OMP_NUM_THREADS={threads} {params.pipeline} train --run {params.run:q} --embedding-key {params.embedding_key:q} "
+        "--settings {params.settings:q} --done {output:q} {input:q} > {log:q} 2>&1"
+
+
+rule export_model:
+    input:
+        f"{OUT}/training/{{dataset}}/done.json",
+    output:
+        directory(f"{OUT}/models/{{dataset}}"),
+    params:
+        pipeline=PIPELINE,
+        run=lambda w, input: str(Path(input[0]).parent),
+        autoencoder=json.dumps(config["latents"]["autoencoder"], sort_keys=True),
+    log:
+        f"{OUT}/logs/train/{{dataset}}.export.log",
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "{params.pipeline} export-model --run {params.run:q} --autoencoder {params.autoencoder:q} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule train:
+    input:
+        expand(f"{OUT}/models/{{dataset}}", dataset=EMBEDDED_DATASETS),
