@@ -1,0 +1,74 @@
+"""Plain-data settings of the large-image sampler; seed mode and fast mode are two values of one type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+SEED_SAMPLER = "seed_ddim"
+DIFFUSERS_SAMPLERS = ("ddim", "dpmsolver++", "unipc")
+GUIDANCE_FORMS = ("seed", "standard")
+
+
+@dataclass(frozen=True)
+class LargeImageConfig:
+    """How to sample and decode a large latent canvas with a 64x64-latent model.
+
+    sampler: "seed_ddim" (the seed's own DDIM loop with its quirks) or a diffusers scheduler name.
+    steps: denoising steps (for "seed_ddim" they must divide the training timesteps).
+    stride: latent pixels between the origins of neighbouring sampling windows.
+    window: latent side of a window (the size the UNet was trained on).
+    guidance_form: "seed" gives (1+g)*eps_c - g*eps_u; "standard" gives eps_u + g*(eps_c - eps_u).
+        The two agree when standard g = seed g + 1.
+    eta: noise multiplier of the step (seed_ddim: scales its beta~; ddim: diffusers' eta).
+    window_batch: windows per UNet call; with guidance the call holds twice as many samples.
+    decode_stride / decode_batch / decode_sigma: Gaussian-blended window decode.
+    seed: seeds the one torch.Generator that every Gaussian draw comes from.
+    timestep_spacing: diffusers schedulers only.
+    """
+
+    sampler: str = SEED_SAMPLER
+    steps: int = 50
+    stride: int = 16
+    window: int = 64
+    guidance_scale: float = 3.0
+    guidance_form: str = "seed"
+    eta: float = 1.0
+    window_batch: int = 32
+    decode_stride: int = 16
+    decode_batch: int = 4
+    decode_sigma: float = 0.8
+    seed: int = 1234
+    timestep_spacing: str = "trailing"
+
+    def __post_init__(self) -> None:
+        if self.sampler != SEED_SAMPLER and self.sampler not in DIFFUSERS_SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r}: expected {SEED_SAMPLER!r} or one of {DIFFUSERS_SAMPLERS}")
+        if self.guidance_form not in GUIDANCE_FORMS:
+            raise ValueError(f"guidance_form {self.guidance_form!r}: expected one of {GUIDANCE_FORMS}")
+        for name in ("steps", "stride", "window", "window_batch", "decode_stride", "decode_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("stride", "decode_stride"):
+            if getattr(self, name) > self.window:
+                raise ValueError(f"{name} {getattr(self, name)} exceeds the window {self.window}: pixels would be skipped")
+        if self.eta < 0 or self.decode_sigma <= 0:
+            raise ValueError("eta must be >= 0 and decode_sigma > 0")
+
+    def with_(self, **changes: object) -> LargeImageConfig:
+        return replace(self, **changes)
+
+
+# The seed's notebook settings: get_panorama + vis_panorama_window_weighted, unchanged.
+SEED_MODE = LargeImageConfig()
+
+# Same windows, fusion and step code: half as many windows per axis, DPM-Solver++ with 20 steps,
+# and the seed's guidance strength written in the standard form (3 + 1).
+FAST_MODE = LargeImageConfig(
+    sampler="dpmsolver++",
+    steps=20,
+    stride=32,
+    guidance_scale=4.0,
+    guidance_form="standard",
+    eta=0.0,
+    decode_stride=32,
+)

@@ -1,0 +1,107 @@
+"""Gaussian-blended window decoding of a large latent, streamed as finished bands of output rows.
+
+Each window of `window` latents is decoded on its own (a first-stage decoder sees only inputs of
+the size it was trained on), weighted by a Gaussian centred on the window, and the weighted
+decodes are summed and divided by the summed weights. Windows are decoded one window row at a
+time; once a window row is done, every output row above the next window row's top is final, so
+it is converted to uint8 and handed out. Only a band one window high stays in float memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from diffusers import VQModel
+
+from pipeline.models import first_stage
+from pipeline.sampling.windows import WindowLayout
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gaussian_window_weights(size: int, sigma: float) -> torch.Tensor:
+    """(size, size) weights exp(-d^2 / sigma^2) / max, d = distance from the centre on a
+    linspace(-1, 1, size) grid in both axes (the seed's `gaussian_kernel`)."""
+    axis = torch.linspace(-1, 1, size)
+    squared_distance = axis[:, None] ** 2 + axis[None, :] ** 2
+    weights = torch.exp(-squared_distance / sigma**2)
+    return weights / weights.max()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating as the seed's `.to(torch.uint8)`."""
+    scaled = ((images + 1) / 2).clamp(0, 1) * 255
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def vq_decoder(vae: VQModel) -> Decoder:
+    """Latent windows -> images, quantising first as the seed's decode does."""
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return first_stage.decode(vae, latents)
+
+    return decode
+
+
+def upsampling_factor(vae: VQModel) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def blended_bands(
+    decode: Decoder, latent: torch.Tensor, factor: int, window: int, stride: int, batch: int, sigma: float
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first output row, uint8 rows (h, W, 3)) top to bottom; the bands tile the image.
+
+    latent: (1, C, H, W). Stopping early decodes only the windows the yielded rows need.
+    """
+    if latent.shape[0] != 1:
+        raise ValueError("decode one canvas at a time")
+    layout = WindowLayout(latent.shape[2], latent.shape[3], window, stride)
+    tile = window * factor
+    width = latent.shape[3] * factor
+    weights = gaussian_window_weights(tile, sigma).to(latent.device)
+    # Float accumulators for output rows [band_top, band_top + tile): every window still to come
+    # starts at or below band_top.
+    image_sum = torch.zeros(3, tile, width, device=latent.device)
+    weight_sum = torch.zeros(1, tile, width, device=latent.device)
+    row_offsets = layout.row_offsets
+    for index, row in enumerate(row_offsets):
+        columns = layout.column_offsets
+        for start in range(0, len(columns), batch):
+            chosen = columns[start : start + batch]
+            crops = torch.cat([latent[:, :, row : row + window, c : c + window] for c in chosen])
+            images = decode(crops).float()
+            for column, image in zip(chosen, images):
+                span = slice(column * factor, column * factor + tile)
+                image_sum[:, :, span] += image * weights
+                weight_sum[:, :, span] += weights
+        next_top = row_offsets[index + 1] * factor if index + 1 < len(row_offsets) else row * factor + tile
+        finished = next_top - row * factor
+        yield row * factor, to_uint8((image_sum[:, :finished] / weight_sum[:, :finished])[None])[0]
+        # Move the unfinished rows to the top of the band.
+        image_sum = torch.cat([image_sum[:, finished:], torch.zeros_like(image_sum[:, :finished])], dim=1)
+        weight_sum = torch.cat([weight_sum[:, finished:], torch.zeros_like(weight_sum[:, :finished])], dim=1)
+
+
+def decode_large_image(
+    decode: Decoder,
+    latent: torch.Tensor,
+    factor: int,
+    window: int,
+    stride: int,
+    batch: int,
+    sigma: float,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The whole (H*f, W*f, 3) uint8 image; pass `out` (e.g. an np.memmap) to keep it off the heap."""
+    shape = (latent.shape[2] * factor, latent.shape[3] * factor, 3)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 of shape {shape}, got {out.dtype} {out.shape}")
+    for top, rows in blended_bands(decode, latent, factor, window, stride, batch, sigma):
+        out[top : top + len(rows)] = rows
+    return out

@@ -1,0 +1,89 @@
+"""One denoising prediction for a whole canvas: every window's x0, averaged per pixel.
+
+Windows go through the UNet in batches; with guidance, a batch holds the conditional and the
+unconditional copies of its windows, so one call serves both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+
+from pipeline.sampling.windows import WindowLayout
+
+
+def guided_epsilon(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float, form: str) -> torch.Tensor:
+    """Classifier-free guidance; "seed": (1+g)c - g u, "standard": u + g(c - u)."""
+    if form == "seed":
+        return (1 + scale) * conditional - scale * unconditional
+    return unconditional + scale * (conditional - unconditional)
+
+
+def needs_unconditional(scale: float, form: str) -> bool:
+    """False where guidance reduces to the conditional prediction alone."""
+    return scale != (0.0 if form == "seed" else 1.0)
+
+
+class WindowFusion:
+    """Predicts the canvas x0 from per-window UNet predictions, counting UNet evaluations."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        layout: WindowLayout,
+        contexts: torch.Tensor,
+        unconditional: torch.Tensor,
+        guidance_scale: float,
+        guidance_form: str,
+        window_batch: int,
+    ) -> None:
+        if len(contexts) != len(layout):
+            raise ValueError(f"{len(contexts)} contexts for {len(layout)} windows")
+        self.unet = unet
+        self.layout = layout
+        self.origins = layout.origins
+        self.contexts = contexts
+        self.unconditional = unconditional
+        self.guidance_scale = guidance_scale
+        self.guidance_form = guidance_form
+        self.window_batch = window_batch
+        self.coverage = layout.coverage()
+        self.evaluations = 0  # UNet evaluations of one 64x64 window (conditional and unconditional count apart)
+        self.calls = 0
+
+    def window_epsilon(self, windows: torch.Tensor, contexts: torch.Tensor, model_timestep: float) -> torch.Tensor:
+        """Guided noise predictions for a batch of window crops."""
+        guided = needs_unconditional(self.guidance_scale, self.guidance_form)
+        if guided:
+            windows = torch.cat([windows, windows])
+            contexts = torch.cat([contexts, self.unconditional.expand(len(contexts), -1, -1)])
+        timesteps = torch.full((len(windows),), float(model_timestep), device=windows.device)
+        with torch.no_grad():
+            epsilon = self.unet(windows, timesteps, encoder_hidden_states=contexts).sample
+        self.evaluations += len(windows)
+        self.calls += 1
+        if not guided:
+            return epsilon
+        conditional, unconditional = epsilon.chunk(2)
+        return guided_epsilon(conditional, unconditional, self.guidance_scale, self.guidance_form)
+
+    @torch.no_grad()
+    def predict_x0(self, canvas: torch.Tensor, model_timestep: float, alpha_bar: float) -> torch.Tensor:
+        """(1, C, H, W) canvas at the noise level alpha_bar -> the per-pixel mean of the windows' x0."""
+        if canvas.shape[0] != 1 or tuple(canvas.shape[2:]) != (self.layout.height, self.layout.width):
+            raise ValueError(f"canvas of shape {tuple(canvas.shape)} does not match the window layout")
+        # Scalars in float32, as the seed computed them from its float32 schedule.
+        alpha_bar = np.float32(alpha_bar)
+        root = float(np.sqrt(alpha_bar))
+        noise_ratio = float(np.sqrt((1 - alpha_bar) / alpha_bar))
+        size = self.layout.window
+        x0_sum = torch.zeros_like(canvas[0])
+        for start in range(0, len(self.origins), self.window_batch):
+            origins = self.origins[start : start + self.window_batch]
+            windows = torch.stack([canvas[0, :, r : r + size, c : c + size] for r, c in origins])
+            epsilon = self.window_epsilon(windows, self.contexts[start : start + len(origins)], model_timestep)
+            x0 = windows / root - epsilon * noise_ratio
+            for (r, c), window_x0 in zip(origins, x0):
+                x0_sum[:, r : r + size, c : c + size] += window_x0
+        return (x0_sum / self.coverage.to(canvas.device, canvas.dtype))[None]

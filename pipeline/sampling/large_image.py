@@ -1,0 +1,160 @@
+"""Large-image generation from an embedding grid: windows, fusion and steps wired by one config."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.models import SeedModel
+from pipeline.sampling.conditions import unconditional_context, window_contexts
+from pipeline.sampling.config import LargeImageConfig
+from pipeline.sampling.decode import blended_bands, decode_large_image, upsampling_factor, vq_decoder
+from pipeline.sampling.fusion import WindowFusion
+from pipeline.sampling.seams import seam_score, window_boundaries
+from pipeline.sampling.steppers import make_stepper
+from pipeline.sampling.windows import WindowLayout
+
+
+@dataclass
+class SamplingStats:
+    windows: int
+    steps: int
+    unet_evaluations: int  # one window through the UNet once (conditional and unconditional count apart)
+    unet_calls: int
+    seconds: float
+
+
+@dataclass
+class LargeImage:
+    latent: torch.Tensor  # (1, C, rows * window, cols * window)
+    image: np.ndarray | None  # (H, W, 3) uint8, or None when not decoded
+    stats: SamplingStats
+
+
+def as_grid(embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
+    grid = embeddings if torch.is_tensor(embeddings) else torch.from_numpy(np.asarray(embeddings))
+    if grid.ndim != 3:
+        raise ValueError(f"embedding grid must be (rows, cols, D), got shape {tuple(grid.shape)}")
+    return grid.float()
+
+
+class LargeImageSampler:
+    """Samples the latent canvas of a [rows, cols, D] embedding grid with a seed model.
+
+    Window conditions are computed once; every trajectory starts a fresh generator (config.seed)
+    and a fresh step rule, so repeated runs give the same canvases.
+    """
+
+    def __init__(self, model: SeedModel, embeddings: torch.Tensor | np.ndarray, config: LargeImageConfig) -> None:
+        self.model = model
+        self.config = config
+        self.grid = as_grid(embeddings)
+        rows, cols, dim = self.grid.shape
+        window = config.window
+        self.layout = WindowLayout(rows * window, cols * window, window, config.stride)
+        condition = model.condition
+        self.fusion = WindowFusion(
+            unet=model.unet,
+            layout=self.layout,
+            contexts=window_contexts(condition, self.grid, self.layout.origins, window),
+            unconditional=unconditional_context(condition, dim),
+            guidance_scale=config.guidance_scale,
+            guidance_form=config.guidance_form,
+            window_batch=config.window_batch,
+        )
+        self.device = next(model.unet.parameters()).device
+
+    @property
+    def canvas_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.model.unet.config.in_channels, self.layout.height, self.layout.width)
+
+    def trajectory(self) -> Iterator[torch.Tensor]:
+        """Yield the start canvas, then the canvas after each step (the last one is the sample)."""
+        stepper = make_stepper(self.config, self.model.betas, self.model.scheduler_config)
+        # One generator for every draw, on the CPU, so a seed gives the same noise on any device.
+        generator = torch.Generator().manual_seed(self.config.seed)
+        canvas = stepper.initial_canvas(self.canvas_shape, generator).to(self.device)
+        yield canvas
+        for t in stepper.timesteps:
+            x0 = self.fusion.predict_x0(canvas, stepper.model_timestep(t), stepper.alpha_bar(t))
+            canvas = stepper.step(t, canvas, x0, generator)
+            yield canvas
+
+    def sample(self) -> tuple[torch.Tensor, SamplingStats]:
+        """The final canvas (1, C, H, W) and what producing it cost."""
+        started = time.perf_counter()
+        evaluations, calls = self.fusion.evaluations, self.fusion.calls
+        steps = -1  # the first canvas is the start, not a step
+        for canvas in self.trajectory():
+            steps += 1
+        stats = SamplingStats(
+            windows=len(self.layout),
+            steps=steps,
+            unet_evaluations=self.fusion.evaluations - evaluations,
+            unet_calls=self.fusion.calls - calls,
+            seconds=time.perf_counter() - started,
+        )
+        return canvas, stats
+
+
+def decode_canvas(
+    model: SeedModel, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The Gaussian-blended uint8 image of a latent canvas (written into `out` when given)."""
+    return decode_large_image(
+        vq_decoder(model.vae),
+        latent,
+        upsampling_factor(model.vae),
+        config.window,
+        config.decode_stride,
+        config.decode_batch,
+        config.decode_sigma,
+        out=out,
+    )
+
+
+def decoded_bands(
+    model: SeedModel, latent: torch.Tensor, config: LargeImageConfig
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream of (first row, uint8 rows) bands; see decode.blended_bands."""
+    return blended_bands(
+        vq_decoder(model.vae),
+        latent,
+        upsampling_factor(model.vae),
+        config.window,
+        config.decode_stride,
+        config.decode_batch,
+        config.decode_sigma,
+    )
+
+
+def generate_large_image(
+    model: SeedModel,
+    embeddings: torch.Tensor | np.ndarray,
+    config: LargeImageConfig,
+    decode: bool = True,
+    out: np.ndarray | None = None,
+) -> LargeImage:
+    """Sample the canvas for an embedding grid and (optionally) decode it."""
+    latent, stats = LargeImageSampler(model, embeddings, config).sample()
+    image = decode_canvas(model, latent, config, out=out) if decode else None
+    return LargeImage(latent=latent, image=image, stats=stats)
+
+
+def large_image_seam_score(
+    image: np.ndarray, latent_shape: tuple[int, ...], config: LargeImageConfig, factor: int
+) -> float:
+    """seam_score over the edges of both the sampling and the decoding windows."""
+    height, width = latent_shape[-2:]
+
+    def edges(size: int) -> list[int]:
+        return sorted(
+            set(window_boundaries(size, config.window, config.stride, factor))
+            | set(window_boundaries(size, config.window, config.decode_stride, factor))
+        )
+
+    return seam_score(image, edges(height), edges(width))

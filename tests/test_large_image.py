@@ -1,0 +1,233 @@
+"""The large-image sampler against the seed's own large-image outputs (golden.npz), plus fast mode.
+
+The fixture's README says how the seed computed every pano_* array. The full 50-step trajectory
+is in test_large_image_slow.py (marked slow).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.models import load_seed_checkpoint
+from pipeline.sampling import (
+    FAST_MODE,
+    SEED_MODE,
+    LargeImageConfig,
+    LargeImageSampler,
+    decoded_bands,
+    generate_large_image,
+    large_image_seam_score,
+    seam_score,
+    window_boundaries,
+)
+from pipeline.sampling.conditions import slerp, window_embeddings
+from pipeline.sampling.decode import blended_bands, gaussian_window_weights
+from pipeline.sampling.fusion import guided_epsilon
+from pipeline.sampling.seams import boundary_gradient_ratio
+from pipeline.sampling.steppers import DiffusersStepper, SeedDDIMStepper
+from pipeline.sampling.windows import WindowLayout, window_offsets
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed_ldm_tiny"
+
+
+@pytest.fixture(scope="module")
+def seed():
+    if not (FIXTURE / "golden.npz").is_file():
+        pytest.fail(f"seed fixture missing: expected {FIXTURE} (../shared next to the repo)")
+    return load_seed_checkpoint(FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE / "golden.npz") as data:
+        return {name: data[name] for name in data.files if name.startswith("pano_") or name == "betas"}
+
+
+@pytest.fixture(scope="module")
+def seed_sampler(seed, golden) -> LargeImageSampler:
+    return LargeImageSampler(seed, golden["pano_grid"].reshape(4, 4, -1), SEED_MODE.with_(window_batch=64))
+
+
+def max_abs(ours: torch.Tensor, expected: np.ndarray) -> float:
+    assert tuple(ours.shape) == expected.shape
+    return float(np.max(np.abs(ours.numpy().astype(np.float64) - expected)))
+
+
+# --- windows, conditions, guidance: no UNet -------------------------------------------------------
+
+
+def test_window_offsets_cover_the_canvas():
+    assert window_offsets(256, 64, 16) == list(range(0, 193, 16))  # the seed's 13 per axis
+    assert window_offsets(256, 64, 40) == [0, 40, 80, 120, 160, 192]  # last one flush with the edge
+    layout = WindowLayout(128, 256, 64, 32)
+    assert len(layout) == 3 * 7 and layout.origins[:2] == [(0, 0), (0, 32)]  # row-major
+    coverage = layout.coverage()
+    assert coverage.min() >= 1 and coverage[0, 0] == 1 and coverage[64, 64] == 4
+
+
+def test_slerp_endpoints_norm_and_parallel_fallback():
+    generator = torch.Generator().manual_seed(0)
+    start, end = torch.nn.functional.normalize(torch.randn(2, 5, 16, generator=generator), dim=-1)
+    for t in (0.0, 1.0):
+        torch.testing.assert_close(slerp(torch.full((5,), t), start, end), end if t else start)
+    middle = slerp(torch.full((5,), 0.3), start, end)
+    torch.testing.assert_close(middle.norm(dim=1), torch.ones(5))  # stays on the sphere
+    same = slerp(torch.full((5,), 0.5), start, start)  # parallel: linear branch, no division by 0
+    torch.testing.assert_close(same, start)
+
+
+def test_window_embeddings_hit_grid_cells_and_padding():
+    grid = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))
+    embeddings = window_embeddings(grid, [(0, 0), (0, 64), (64, 128), (64, 160)], cell=64)
+    torch.testing.assert_close(embeddings[:3], torch.stack([grid[0, 0], grid[0, 1], grid[1, 2]]))
+    # Half a cell right of the last column: its right neighbour is itself (replicated padding).
+    torch.testing.assert_close(embeddings[3], grid[1, 2])
+
+
+def test_window_conditions_match_seed(seed_sampler, golden):
+    assert len(seed_sampler.layout) == 169
+    contexts = seed_sampler.fusion.contexts
+    assert contexts.shape == (169, 1, 64)
+    assert max_abs(contexts[:, 0], golden["pano_window_context"]) <= 1e-5
+
+
+def test_guidance_forms_agree():
+    conditional, unconditional = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(
+        guided_epsilon(conditional, unconditional, 3.0, "seed"),
+        guided_epsilon(conditional, unconditional, 4.0, "standard"),
+    )
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="sampler"):
+        LargeImageConfig(sampler="euler_a")
+    with pytest.raises(ValueError, match="exceeds the window"):
+        LargeImageConfig(stride=80)
+    with pytest.raises(ValueError, match="dividing"):
+        SeedDDIMStepper(np.linspace(1e-3, 2e-2, 1000), steps=30, eta=1.0)
+
+
+# --- steps ------------------------------------------------------------------------------------------
+
+
+def test_seed_stepper_draw_order_and_final_x0(golden):
+    """Draws: L, eps0, then one per step but the last; the last step returns x0."""
+    stepper = SeedDDIMStepper(golden["betas"], steps=50, eta=1.0)
+    assert stepper.timesteps[:2] == [1000, 980] and stepper.timesteps[-1] == 20
+    shape = (1, 3, 8, 8)
+    generator = torch.Generator().manual_seed(5)
+    canvas = stepper.initial_canvas(shape, generator)
+    x0 = torch.zeros(shape)
+    for t in stepper.timesteps:
+        canvas = stepper.step(t, canvas, x0, generator)
+    assert torch.equal(canvas, x0)
+    reference = torch.Generator().manual_seed(5)
+    draws = [torch.randn(shape, generator=reference) for _ in range(len(golden["pano_noise_shapes"]) + 1)]
+    assert torch.equal(torch.randn(shape, generator=generator), draws[-1])
+    assert [tuple(s) for s in golden["pano_noise_shapes"]] == [(1, 3, 256, 256)] * 51
+
+
+def test_ddim_stepper_takes_x0_as_its_prediction(seed):
+    stepper = DiffusersStepper("ddim", seed.scheduler_config, steps=10, eta=0.0, spacing="trailing")
+    assert stepper.timesteps[0] == 999
+    t, t_prev = stepper.timesteps[:2]
+    canvas, x0 = torch.randn(2, 1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    alpha_bar, alpha_bar_prev = stepper.alpha_bar(t), stepper.alpha_bar(t_prev)
+    epsilon = (canvas - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar)
+    expected = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(1 - alpha_bar_prev) * epsilon
+    torch.testing.assert_close(stepper.step(t, canvas, x0, torch.Generator()), expected)
+
+
+def test_start_and_first_step_match_seed(seed_sampler, golden):
+    """One step of all 169 windows, conditional and unconditional: 338 UNet evaluations."""
+    trajectory = seed_sampler.trajectory()
+    assert max_abs(next(trajectory), golden["pano_x_start"]) <= 1e-5
+    evaluations = seed_sampler.fusion.evaluations
+    assert max_abs(next(trajectory), golden["pano_x_after_step1"]) <= 1e-4
+    assert seed_sampler.fusion.evaluations - evaluations == 169 * 2
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+
+def test_gaussian_weights_are_the_seed_kernel():
+    weights = gaussian_window_weights(256, 0.8)
+    axis = torch.linspace(-1, 1, 256)
+    corner = math.exp(-2 / 0.64) / math.exp(-2 * float(axis[128]) ** 2 / 0.64)
+    assert weights.max() == 1 and weights[0, 0] == pytest.approx(corner, rel=1e-5)
+
+
+def test_streamed_bands_equal_a_whole_canvas_blend():
+    """With a stand-in decoder (nearest upsampling), the bands equal a direct weighted average."""
+    latent = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(4)) * 2 - 1
+
+    def upsample(z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(z, scale_factor=2, mode="nearest") * 0.9
+
+    bands = list(blended_bands(upsample, latent, factor=2, window=32, stride=16, batch=3, sigma=0.8))
+    tops = [top for top, _ in bands]
+    assert tops == [0, 32, 64, 96, 128] and sum(len(rows) for _, rows in bands) == 192
+    image = np.concatenate([rows for _, rows in bands])
+
+    weights = gaussian_window_weights(64, 0.8)
+    total, weight_sum = torch.zeros(3, 192, 256), torch.zeros(1, 192, 256)
+    for row, column in WindowLayout(96, 128, 32, 16).origins:
+        tile = upsample(latent[:, :, row : row + 32, column : column + 32])[0]
+        total[:, 2 * row : 2 * row + 64, 2 * column : 2 * column + 64] += tile * weights
+        weight_sum[:, 2 * row : 2 * row + 64, 2 * column : 2 * column + 64] += weights
+    expected = (((total / weight_sum + 1) / 2).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1  # summation order only
+
+
+def test_blended_decode_matches_seed(seed, golden):
+    """Output rows 0-127 of the seed's pano_image, from the 26 window decodes that cover them
+    (the stream stops there; rows 64-127 blend two window rows, every column blends up to four)."""
+    latent = torch.from_numpy(golden["pano_latent"])
+    rows = []
+    for top, band in decoded_bands(seed, latent, SEED_MODE.with_(decode_batch=13)):
+        rows.append(band)
+        if top + len(band) >= 128:
+            break
+    ours = np.concatenate(rows)[:128].astype(np.int16)
+    expected = golden["pano_image"][0, :128].astype(np.int16)
+    assert ours.shape == expected.shape == (128, 1024, 3)
+    assert np.abs(ours - expected).mean() <= 0.01
+
+
+# --- fast mode and seams ----------------------------------------------------------------------------
+
+
+def test_fast_mode_is_deterministic_and_counts_evaluations(seed):
+    grid = torch.randn(2, 2, 384, generator=torch.Generator().manual_seed(7))
+    config = FAST_MODE.with_(steps=2, window_batch=16, decode_stride=64, seed=11)
+    first = generate_large_image(seed, grid, config)
+    second = generate_large_image(seed, grid, config, decode=False)
+    assert torch.equal(first.latent, second.latent)
+    windows = 3 * 3  # 128-latent canvas, stride 32
+    assert first.stats.windows == windows and first.stats.steps == 2
+    assert first.stats.unet_evaluations == windows * 2 * 2  # conditional + unconditional, 2 steps
+    assert first.stats.unet_calls == 2  # one batch per step
+    assert first.latent.shape == (1, 3, 128, 128) and torch.isfinite(first.latent).all()
+    assert first.image.shape == (512, 512, 3) and first.image.dtype == np.uint8
+    score = large_image_seam_score(first.image, first.latent.shape, config, factor=4)
+    assert math.isfinite(score) and score > 0
+
+
+def test_seam_score_sees_jumps_and_flat_lines_at_boundaries():
+    noise = np.random.default_rng(0).normal(size=(256, 256))
+    boundaries = window_boundaries(64, window=16, stride=8, factor=4)
+    assert boundaries == list(range(32, 256, 32))
+    assert seam_score(noise, boundaries, boundaries) == pytest.approx(1.0, abs=0.05)
+    jumps = noise + 20 * (np.arange(256)[None, :] // 32 % 2)  # steps exactly at the column boundaries
+    assert boundary_gradient_ratio(jumps, boundaries, boundaries, band=1) > 3
+    distance = np.minimum(np.arange(256) % 32, 32 - np.arange(256) % 32)
+    fade = np.minimum(1.0, 0.2 + distance / 4)
+    flat = noise * np.minimum(fade[:, None], fade[None, :])  # texture fades near every boundary
+    assert boundary_gradient_ratio(flat, boundaries, boundaries) < 0.8
+    assert seam_score(flat, boundaries, boundaries) > 1.25
