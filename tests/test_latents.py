@@ -29,6 +29,8 @@ SEED_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "se
 ENCODER = "hipt_vit_s16"
 SETTINGS = EncodeSettings(batch_size=8, num_workers=0, device="cpu", flips="all")
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 def real_patches() -> list[tuple[str, np.ndarray]]:
     files = sorted(PATCHES.glob("*.png"))
@@ -64,15 +66,6 @@ def make_embedding_input(folder: Path, patches: list[tuple[str, np.ndarray]], pe
         write_shard(folder / name, samples)
     pd.DataFrame(rows).to_parquet(folder / "manifest.parquet", index=False)
     return names
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: on two cores shared with other jobs, two OpenMP threads run far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
