@@ -101,35 +101,24 @@ class LargeImageSampler:
         return canvas, stats
 
 
+def _decode_arguments(model: SeedModel, latent: torch.Tensor, config: LargeImageConfig) -> tuple:
+    """The positional arguments both decode entry points pass to pipeline.sampling.decode."""
+    return (vq_decoder(model.vae), latent, upsampling_factor(model.vae), config.window,
+            config.decode_stride, config.decode_batch, config.decode_sigma)
+
+
 def decode_canvas(
     model: SeedModel, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None
 ) -> np.ndarray:
     """The Gaussian-blended uint8 image of a latent canvas (written into `out` when given)."""
-    return decode_large_image(
-        vq_decoder(model.vae),
-        latent,
-        upsampling_factor(model.vae),
-        config.window,
-        config.decode_stride,
-        config.decode_batch,
-        config.decode_sigma,
-        out=out,
-    )
+    return decode_large_image(*_decode_arguments(model, latent, config), out=out)
 
 
 def decoded_bands(
     model: SeedModel, latent: torch.Tensor, config: LargeImageConfig
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Stream of (first row, uint8 rows) bands; see decode.blended_bands."""
-    return blended_bands(
-        vq_decoder(model.vae),
-        latent,
-        upsampling_factor(model.vae),
-        config.window,
-        config.decode_stride,
-        config.decode_batch,
-        config.decode_sigma,
-    )
+    return blended_bands(*_decode_arguments(model, latent, config))
 
 
 def generate_large_image(
