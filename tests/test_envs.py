@@ -1,0 +1,290 @@
+"""Every rule that runs the pipeline names a conda env providing what its code imports, pinned as
+in pyproject.toml.
+
+Conda cannot run here, so this is checked statically and generically, so that rules added later are
+checked too: Snakemake's own parser lists the workflow's rules; each rule's shell command names
+`pipeline <subcommand>`; that subcommand's handler in pipeline.cli and every pipeline module it
+reaches (an `ast` import graph, lazy imports inside functions included) give the third-party
+imports; the installed distributions' metadata maps import names to package names
+(PIL -> pillow, yaml -> pyyaml, skimage -> scikit-image, ...).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from functools import cache
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from helpers import REPO
+
+# Prints the workflow's rules as JSON, parsed by Snakemake itself (new rule files included).
+LIST_RULES = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import OutputSettings, ResourceSettings
+with SnakemakeApi(OutputSettings()) as api:
+    workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=Path(sys.argv[1]),
+                            workdir=Path(sys.argv[2]))._workflow
+    print(json.dumps([{"name": r.name, "conda": r.conda_env if isinstance(r.conda_env, (str, type(None)))
+                       else repr(r.conda_env), "shell": r.shellcmd, "script": r.script,
+                       "folder": str(Path(r.snakefile).parent)} for r in workflow.rules]))
+"""
+# How rules call the package: `{params.pipeline} tile-input ...` (PIPELINE in rules/common.smk).
+PIPELINE_CALL = re.compile(r"(?:\{params\.pipeline\}|\{PIPELINE\}|-m pipeline)\s+([A-Za-z][\w-]*)")
+# conda-forge names that differ from the PyPI distribution of the same code.
+CONDA_TO_PYPI = {"pytorch": "torch"}
+# Entries of an env file that are tools, not imports.
+ENV_TOOLS = {"python", "pip"}
+
+
+@cache
+def workflow_rules() -> tuple[dict, ...]:
+    result = subprocess.run([sys.executable, "-c", LIST_RULES, str(REPO / "Snakefile"), str(REPO)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def pipeline_rules() -> list[dict]:
+    """Rules whose job runs the pipeline: a shell command calling it, or a script."""
+    return [rule for rule in workflow_rules()
+            if (rule["shell"] and PIPELINE_CALL.search(rule["shell"])) or rule["script"]]
+
+
+# --- the import graph of the pipeline package ---------------------------------------------------
+
+def module_file(name: str) -> Path | None:
+    """The source file of a module of the pipeline package, or None if ``name`` is not one."""
+    if name != "pipeline" and not name.startswith("pipeline."):
+        return None
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def is_optional_import(node: ast.Try) -> bool:
+    """`try: import x / except ImportError:`: the code runs without x, so an env need not have it."""
+    caught = [h.type for h in node.handlers if h.type is not None]
+    names = {n.id for t in caught for n in ([t] if isinstance(t, ast.Name) else getattr(t, "elts", []))
+             if isinstance(n, ast.Name)}
+    return bool(names & {"ImportError", "ModuleNotFoundError"})
+
+
+def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Absolute names of every module imported anywhere in ``tree`` (functions included), except
+    under `if TYPE_CHECKING:` and optional `try/except ImportError` imports."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.Try) and is_optional_import(node):
+            for child in node.finalbody + node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            found.add(base)
+            # `from pipeline.x import y` may import the submodule pipeline.x.y
+            found.update(f"{base}.{alias.name}" for alias in node.names
+                         if module_file(f"{base}.{alias.name}") is not None)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def third_party_imports(entry_modules: set[str], extra_trees: list[ast.AST] = (),
+                        already_read: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Top-level third-party import names reachable from ``entry_modules`` and ``extra_trees`` (code
+    of pipeline.cli) -> a module that imports it. Modules in ``already_read`` are not parsed again."""
+    external: dict[str, str] = {}
+    seen: set[str] = set(already_read)
+    pending = [(name, None) for name in entry_modules] + [(None, tree) for tree in extra_trees]
+    while pending:
+        name, tree = pending.pop()
+        if name is not None:
+            # importing pipeline.a.b runs pipeline/__init__.py and pipeline/a/__init__.py first
+            parts = name.split(".")
+            pending.extend((".".join(parts[:i]), None) for i in range(1, len(parts)) if ".".join(parts[:i]) not in seen)
+            if name in seen:
+                continue
+            seen.add(name)
+            path = module_file(name)
+            if path is None:
+                continue
+            tree = ast.parse(path.read_text(), filename=str(path))
+            names = imported_names(tree, name, path.name == "__init__.py")
+        else:
+            names, name = imported_names(tree, "pipeline.cli", False), "pipeline.cli"
+        for imported in names:
+            top = imported.split(".")[0]
+            if top == "pipeline":
+                if imported not in seen:
+                    pending.append((imported, None))
+            elif top not in sys.stdlib_module_names and top != "__future__":
+                external.setdefault(top, name)
+    return external
+
+
+@cache
+def subcommand_handlers() -> dict:
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return {name: sub.get_default("func") for name, sub in subparsers.choices.items()}
+
+
+def imports_of_subcommand(subcommand: str) -> dict[str, str]:
+    """Third-party imports of `python -m pipeline <subcommand>`: the CLI module's own imports, the
+    handler's lazy imports, and everything those reach."""
+    handler = subcommand_handlers()[subcommand]
+    handler_tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(handler)))
+    cli_module = ast.parse((REPO / "pipeline" / "cli.py").read_text())
+    # pipeline.cli at module level only: other handlers' lazy imports do not run for this subcommand
+    top_level = ast.Module(body=[n for n in cli_module.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))],
+                           type_ignores=[])
+    return third_party_imports({"pipeline.__main__"}, [top_level, handler_tree], frozenset({"pipeline.cli"}))
+
+
+@cache
+def import_to_distributions() -> dict[str, set[str]]:
+    return {name: {canonicalize_name(d) for d in dists} for name, dists in packages_distributions().items()}
+
+
+# --- env files and pyproject ----------------------------------------------------------------------
+
+SPEC = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$")
+
+
+def parse_env_entry(entry: str, conda: bool) -> tuple[str, SpecifierSet]:
+    """`numpy>=1.26` (pip or conda) or `python=3.11` (conda's fuzzy `=` is `==3.11.*`)."""
+    name, spec = SPEC.match(entry).groups()
+    spec = spec.replace(" ", "")
+    if conda and re.fullmatch(r"=[^=<>!].*", spec):
+        spec = f"=={spec[1:]}.*"
+    name = canonicalize_name(CONDA_TO_PYPI.get(name, name) if conda else name)
+    return name, SpecifierSet(spec)
+
+
+@cache
+def env_packages(env_file: Path) -> dict[str, SpecifierSet]:
+    env = yaml.safe_load(env_file.read_text())
+    packages: dict[str, SpecifierSet] = {}
+    for entry in env["dependencies"]:
+        entries = [(e, False) for e in entry["pip"]] if isinstance(entry, dict) else [(entry, True)]
+        for text, conda in entries:
+            name, spec = parse_env_entry(text, conda)
+            assert name not in packages, f"{env_file.name}: {name} is listed twice"
+            packages[name] = spec
+    return packages
+
+
+@cache
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def pyproject_requirements() -> dict[str, SpecifierSet]:
+    project = pyproject()["project"]
+    texts = list(project["dependencies"]) + [r for group in project["optional-dependencies"].values() for r in group]
+    return {canonicalize_name(r.name): r.specifier for r in map(Requirement, texts)}
+
+
+def env_file_of(rule: dict) -> Path:
+    return (Path(rule["folder"]) / rule["conda"]).resolve()
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+def test_the_workflow_is_listed_and_calls_known_subcommands():
+    names = {rule["name"] for rule in workflow_rules()}
+    assert {"tile_input", "embed_input", "latents_input", "train_dataset", "all"} <= names
+    for rule in pipeline_rules():
+        for subcommand in PIPELINE_CALL.findall(rule["shell"] or ""):
+            assert subcommand in subcommand_handlers(), f"rule {rule['name']} runs `pipeline {subcommand}`, " \
+                                                          "which pipeline/cli.py does not define"
+
+
+def test_the_import_graph_sees_lazy_imports():
+    """Guards the checker itself: tile-input reaches openslide and rasterio only through lazy imports."""
+    tiling = imports_of_subcommand("tile-input")
+    assert {"openslide", "rasterio", "PIL", "yaml", "jsonschema", "numpy"} <= set(tiling)
+    assert "torch" not in tiling
+    assert "torch" in imports_of_subcommand("train") and "lightning" in imports_of_subcommand("train")
+
+
+@pytest.mark.parametrize("rule", pipeline_rules(), ids=lambda rule: rule["name"])
+def test_rule_env_provides_every_import(rule):
+    assert isinstance(rule["conda"], str) and rule["conda"], (
+        f"rule {rule['name']} ({rule['folder']}) runs the pipeline but names no `conda:` env")
+    env_file = env_file_of(rule)
+    assert env_file.is_file(), f"rule {rule['name']}: env file {env_file} does not exist"
+    provided = set(env_packages(env_file))
+    imports: dict[str, str] = {}
+    for subcommand in PIPELINE_CALL.findall(rule["shell"] or ""):
+        imports.update(imports_of_subcommand(subcommand))
+    if rule["script"]:
+        script = Path(rule["folder"]) / rule["script"]
+        imports.update(third_party_imports(set(), [ast.parse(script.read_text())]))
+    distributions = import_to_distributions()
+    missing = []
+    for name, importer in sorted(imports.items()):
+        wanted = distributions.get(name)
+        assert wanted, f"rule {rule['name']}: `import {name}` (in {importer}) is not installed here"
+        if not wanted & provided:
+            missing.append(f"{name} (imported by {importer}; package {' or '.join(sorted(wanted))})")
+    assert not missing, f"rule {rule['name']}: {env_file.relative_to(REPO)} lacks " + ", ".join(missing)
+
+
+ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
+def test_env_pins_agree_with_pyproject(env_file):
+    declared = pyproject_requirements()
+    for name, spec in env_packages(env_file).items():
+        if name == "python":
+            python = Version(str(next(iter(spec)).version).rstrip(".*"))
+            assert python in SpecifierSet(pyproject()["project"]["requires-python"]), (
+                f"{env_file.name}: python {spec} is outside requires-python")
+            continue
+        if name in ENV_TOOLS:
+            continue
+        assert name in declared, f"{env_file.name}: {name} is not a dependency in pyproject.toml"
+        assert spec == declared[name], f"{env_file.name}: {name}{spec} but pyproject.toml says {name}{declared[name]}"
+
+
+def test_every_env_file_is_used_and_no_default_profile_turns_conda_on():
+    used = {env_file_of(rule) for rule in pipeline_rules()}
+    assert set(ENV_FILES) == used, f"unused env files: {sorted(set(ENV_FILES) - used)}"
+    # Snakemake loads profiles/default by itself; with conda absent it must not ask for conda.
+    default = REPO / "profiles" / "default" / "config.yaml"
+    if default.exists():
+        text = default.read_text()
+        assert "use-conda" not in text and "conda" not in text.split("software-deployment-method")[-1]
