@@ -1,6 +1,6 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
 #   snakemake --cores N            every stage that exists
-#   snakemake --cores N tile       one stage (targets: tile, embed, latents, train)
+#   snakemake --cores N tile       one stage (targets: tile, embed, latents, train, sample, large_image)
 # Configuration: workflow_config.yaml, validated against pipeline/schemas/workflow_config.schema.yaml.
 from snakemake.utils import min_version
 
@@ -22,6 +22,8 @@ include: "rules/tile.smk"
 include: "rules/embed.smk"
 include: "rules/latents.smk"
 include: "rules/train.smk"
+include: "rules/sample.smk"
+include: "rules/large_image.smk"
 
 
 rule all:
@@ -30,3 +32,5 @@ rule all:
         rules.tile.input,
         rules.embed.input,
         rules.train.input,
+        rules.sample.input,
+        rules.large_image.input,

@@ -107,6 +107,63 @@ def _export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.io.shard_stage import resolve_device
+    from pipeline.sampling.patches import PatchSamplingConfig
+    from pipeline.sampling.stage import sample_patches
+
+    spec = DatasetSpec.from_json(args.spec)
+    settings = json.loads(args.settings)
+    device = resolve_device(settings.pop("device", "auto"))
+    max_samples = settings.pop("max_samples", 2048)
+    config = PatchSamplingConfig(seed=args.seed, **settings)
+    manifest = sample_patches(args.model, args.embeddings, args.out, dataset=spec.name, mpp=spec.target_mpp,
+                              holdout_inputs=spec.holdout_inputs, holdout_fraction=spec.holdout_fraction,
+                              config=config, max_samples=max_samples, device=device)
+    print(f"{args.out}: {len(manifest)} patches generated ({config.sampler}, {config.steps} steps, "
+          f"guidance {config.guidance_scale:g})")
+    return 0
+
+
+def _large_image(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.io.shard_stage import resolve_device
+    from pipeline.sampling.stage import generate_large_images
+
+    spec = DatasetSpec.from_json(args.spec)
+    settings = json.loads(args.settings)
+    overrides = {name: settings.get(name) for name in
+                 ("sampler", "steps", "stride", "decode_stride", "guidance_scale", "window_batch")}
+    manifest = generate_large_images(
+        args.model, args.embeddings, args.out, dataset=spec.name, kind=spec.kind, mpp=spec.target_mpp,
+        holdout_inputs=spec.holdout_inputs, k=settings.get("k", 4), count=settings.get("regions", 4),
+        mode=settings.get("mode", "fast"), overrides=overrides, seed=args.seed,
+        device=resolve_device(settings.get("device", "auto")), png_max_side=settings.get("png_max_side", 4096),
+        tiff=settings.get("tiff", True))
+    for row in manifest.itertuples():
+        print(f"{args.out}/{row.region}: {row.width}x{row.height} px from {row.input_id} at col {row.col}, "
+              f"row {row.row}; {row.unet_evaluations} UNet evaluations, seam score {row.seam_score:.3f}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.evaluation import EvaluationError, EvaluationSettings, describe, evaluate
+
+    try:
+        result = evaluate(args.out, EvaluationSettings.from_json(args.settings), json.loads(args.encoders),
+                          samples=args.samples, large_images=args.large_images, embedding_key=args.embedding_key)
+    except EvaluationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(describe(result))
+    return 0
+
+
 def _tile(args: argparse.Namespace) -> int:
     from pipeline.tiling.run import tile_dataset
 
@@ -177,6 +234,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even if an EMA exists")
     p.set_defaults(func=_export_model)
+
+    p = sub.add_parser("sample", help="generate one patch per held-out real patch from its embedding")
+    p.add_argument("--model", required=True, help="an exported model folder (or a seed release folder)")
+    p.add_argument("--embeddings", required=True, help="the dataset's embedding folder (index.parquet, inputs/)")
+    p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json)")
+    p.add_argument("--settings", default="{}", help="JSON of the config's `sampling:` table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder, written atomically")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("large-image", help="generate large images from k x k regions of real embeddings")
+    p.add_argument("--model", required=True, help="an exported model folder (or a seed release folder)")
+    p.add_argument("--embeddings", required=True, help="the dataset's embedding folder (index.parquet, inputs/)")
+    p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json)")
+    p.add_argument("--settings", default="{}", help="JSON of the config's `large_image:` table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder: region-NNN/ (each atomic), then manifest.parquet")
+    p.set_defaults(func=_large_image)
+
+    p = sub.add_parser("evaluate", help="FID/KID and embedding similarity of generated patches and large images")
+    p.add_argument("--samples", help="patch samples folder, OUT/samples/<dataset>")
+    p.add_argument("--large-images", help="large-image folder, OUT/large_images/<dataset>")
+    p.add_argument("--settings", default="{}", help="JSON of the config's evaluation: table")
+    p.add_argument("--encoders", default="{}", help="JSON, as for embed-input (the encoders: table)")
+    p.add_argument("--embedding-key", help="encoder that made the conditions, where the folders do not record it")
+    p.add_argument("--out", required=True, help="the metrics.json file, written atomically")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("tile", help="tile datasets without Snakemake (sequential)")
     p.add_argument("config")

@@ -122,10 +122,19 @@ class DatasetSpec:
     jpeg_quality: int
     patches_per_shard: int
     encoders: tuple[str, ...] = ()
+    # Kept out of training for sampling and evaluation (see pipeline.splits).
+    holdout_inputs: tuple[str, ...] = ()  # input ids
+    holdout_fraction: float = 0.0
+
+    @property
+    def training_inputs(self) -> list[str]:
+        return [ident for ident in self.inputs if ident not in self.holdout_inputs]
 
     def only(self, input_id: str) -> "DatasetSpec":
-        """The same spec restricted to one input (what one tiling job needs)."""
-        return dataclasses.replace(self, inputs={input_id: self.inputs[input_id]})
+        """What one tiling job needs: the spec restricted to one input, without the settings of
+        later stages (so that changing them does not re-tile)."""
+        return dataclasses.replace(self, inputs={input_id: self.inputs[input_id]}, encoders=(),
+                                   holdout_inputs=(), holdout_fraction=0.0)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -135,6 +144,7 @@ class DatasetSpec:
         data = json.loads(text)
         data["bands"] = tuple(data["bands"])
         data["encoders"] = tuple(data["encoders"])
+        data["holdout_inputs"] = tuple(data.get("holdout_inputs", ()))
         return cls(**data)
 
 
@@ -163,6 +173,18 @@ def expand_inputs(patterns: list[str], base_dir: Path, dataset: str) -> dict[str
     return by_id
 
 
+def held_out_inputs(patterns: list[str], inputs: dict[str, str], base_dir: Path, dataset: str) -> tuple[str, ...]:
+    """Input ids of the dataset inputs that the holdout patterns name (paths or globs)."""
+    if not patterns:
+        return ()
+    chosen = expand_inputs(patterns, base_dir, dataset)
+    strangers = sorted(set(chosen) - set(inputs))
+    if strangers:
+        raise ConfigError(f"datasets.{dataset}.holdout.inputs: {[chosen[i] for i in strangers]} are not inputs "
+                          "of the dataset")
+    return tuple(ident for ident in inputs if ident in chosen)
+
+
 def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, DatasetSpec]:
     """Turn a validated config into dataset specs (magnifications resolved, globs expanded)."""
     specs = {}
@@ -170,10 +192,11 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
         overrides = ds["mpp_overrides"]
         if overrides is not None and not Path(overrides).is_absolute():
             overrides = str(base_dir / overrides)
+        inputs = expand_inputs(ds["inputs"], base_dir, name)
         specs[name] = DatasetSpec(
             name=name,
             kind=ds["kind"],
-            inputs=expand_inputs(ds["inputs"], base_dir, name),
+            inputs=inputs,
             target_mpp=resolution_to_mpp(ds["resolution"], ds["kind"], f"datasets.{name}.resolution"),
             patch_size=ds["patch_size"],
             tissue_threshold=ds["tissue_threshold"],
@@ -185,7 +208,11 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
             jpeg_quality=ds["jpeg_quality"],
             patches_per_shard=ds["patches_per_shard"],
             encoders=tuple(ds["encoders"]),
+            holdout_inputs=held_out_inputs(ds["holdout"]["inputs"], inputs, base_dir, name),
+            holdout_fraction=float(ds["holdout"]["fraction"]),
         )
+        if not specs[name].training_inputs:
+            raise ConfigError(f"datasets.{name}.holdout.inputs: every input is held out, nothing is left to train on")
         for encoder in ds["encoders"]:
             if encoder not in config["encoders"]:
                 raise ConfigError(f"datasets.{name}.encoders: {encoder!r} has no entry under "

@@ -32,5 +32,5 @@ rule latents:
         [
             f"{OUT}/latents/{dataset}/inputs/{input_id}/manifest.parquet"
             for dataset in EMBEDDED_DATASETS
-            for input_id in DATASETS[dataset].inputs
+            for input_id in DATASETS[dataset].training_inputs  # held-out inputs are never trained on
         ],

@@ -8,7 +8,7 @@ rule train_dataset:
         lambda w: expand(
             f"{OUT}/latents/{{dataset}}/inputs/{{input_id}}/manifest.parquet",
             dataset=w.dataset,
-            input_id=DATASETS[w.dataset].inputs,
+            input_id=DATASETS[w.dataset].training_inputs,
         ),
     output:
         f"{OUT}/training/{{dataset}}/done.json",
@@ -16,7 +16,7 @@ rule train_dataset:
         pipeline=PIPELINE,
         run=lambda w, output: str(Path(output[0]).parent),
         embedding_key=lambda w: DATASETS[w.dataset].encoders[0],
-        settings=json.dumps(config["training"], sort_keys=True),
+        settings=lambda w: training_settings_json(w.dataset),
     log:
         f"{OUT}/logs/train/{{dataset}}.log",
     conda:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from pipeline.io.shards import encode_npy, read_shard, write_shard
+from pipeline.io.shards import decode_npy, encode_npy, read_shard, write_shard
 from pipeline.latents import EncodeSettings, encode_input, random_vq
 from pipeline.models import load_seed_checkpoint
 from pipeline.training import TrainConfig, load_exported, train
@@ -290,3 +290,23 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(latent_root):
         results.append((loss.detach(), module.unet.conv_in.weight.grad.clone()))
     assert torch.allclose(results[0][0], results[1][0], rtol=0, atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_held_out_patches_never_reach_training(latent_root):
+    from pipeline.splits import is_held_out
+
+    config = dataclasses.replace(CONFIG, holdout_fraction=0.3)
+    samples = [s for shard in sorted(latent_root.rglob("patches-*.tar")) for s in read_shard(shard)]
+    held = {s["__key__"] for s in samples if is_held_out(s["__key__"], 0.3)}
+    assert 0 < len(held) < len(samples)  # the fraction splits the 22 real patches
+    shards = find_latent_shards([latent_root], config.holdout_fraction)
+    assert sum(s.count for s in shards) == len(samples) - len(held)
+    embedding_of = {s["__key__"]: decode_npy(s["hipt_vit_s16.npy"]).astype(np.float32) for s in samples}
+    stream = iter(LatentBatches(shards, config, rank=0, world_size=1, start_step=0))
+    seen = set()
+    for _ in range(12):  # 96 samples: every training patch several times
+        for embedding in next(stream)["embeddings"].numpy():
+            matches = [k for k, e in embedding_of.items() if np.array_equal(e, embedding)]
+            assert len(matches) == 1
+            seen.add(matches[0])
+    assert seen == set(embedding_of) - held

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import openslide
 import pandas as pd
 import yaml
 
@@ -73,8 +74,8 @@ def test_cli_validate_config_reports_errors(tmp_path):
     assert "datasets.d.resolution" in result.stderr
 
 
-def test_train_target_runs_the_demo_chain(tmp_path):
-    """tile -> embed -> latents -> train -> export on the demo config, shortened."""
+def test_demo_chain_runs_through_sampling(tmp_path):
+    """tile -> embed -> latents -> train -> export -> sample, large_image on the demo config, shortened."""
     config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
     config["output_dir"] = "out"
     config["datasets"]["demo_he_20x"]["inputs"] = [str(DEMO_SLIDE)]
@@ -82,9 +83,11 @@ def test_train_target_runs_the_demo_chain(tmp_path):
     config["embedding"].update(device="cpu", num_workers=0)
     config["latents"].update(device="cpu", num_workers=0)
     config["training"].update(max_steps=12, checkpoint_every=6, log_every=3)
+    config["sampling"].update(steps=4, device="cpu")
+    config["large_image"].update(k=2, regions=2, steps=3, device="cpu")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
-                           "--directory", str(tmp_path), "train", "embed")
+                           "--directory", str(tmp_path), "train", "embed", "sample", "large_image")
     assert result.returncode == 0, result.stderr[-3000:]
     tiles = pd.read_parquet(tmp_path / "out/tiles/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
     embedded = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
@@ -102,3 +105,16 @@ def test_train_target_runs_the_demo_chain(tmp_path):
     assert record["global_step"] == 12 and record["embedding_key"] == "hipt_vit_s16"
     assert record["autoencoder"]["random_weights"] is True
     assert model.unet.config.sample_size == 16
+
+    # held-out patches: never trained on, each conditions one generated patch
+    from pipeline.splits import is_held_out
+
+    held_out = [key for key in tiles.key if is_held_out(key, 0.2)]
+    samples = pd.read_parquet(tmp_path / "out/samples/demo_he_20x/manifest.parquet")
+    assert list(samples.key) == held_out and len(held_out) > 0
+    assert all((tmp_path / "out/samples/demo_he_20x" / path).is_file() for path in samples.generated)
+    large = pd.read_parquet(tmp_path / "out/large_images/demo_he_20x/manifest.parquet")
+    assert len(large) == 2 and set(large.width) == {512}
+    for tif in large.generated_tif:
+        with openslide.OpenSlide(tmp_path / "out/large_images/demo_he_20x" / tif) as slide:
+            assert slide.dimensions == (512, 512) and float(slide.properties["openslide.mpp-x"]) == 0.5

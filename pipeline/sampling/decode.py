@@ -13,9 +13,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from diffusers import VQModel
-
-from pipeline.models import first_stage
 from pipeline.sampling.windows import WindowLayout
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -34,20 +31,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating as the seed's `.to(torch.uint8)`."""
     scaled = ((images + 1) / 2).clamp(0, 1) * 255
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def vq_decoder(vae: VQModel) -> Decoder:
-    """Latent windows -> images, quantising first as the seed's decode does."""
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return first_stage.decode(vae, latents)
-
-    return decode
-
-
-def upsampling_factor(vae: VQModel) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def blended_bands(

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.models import SeedModel
 from pipeline.sampling.conditions import unconditional_context, window_contexts
 from pipeline.sampling.config import LargeImageConfig
-from pipeline.sampling.decode import blended_bands, decode_large_image, upsampling_factor, vq_decoder
+from pipeline.sampling.decode import blended_bands, decode_large_image
 from pipeline.sampling.fusion import WindowFusion
+from pipeline.sampling.model import DiffusionModel, as_diffusion_model
 from pipeline.sampling.seams import seam_score, window_boundaries
 from pipeline.sampling.steppers import make_stepper
 from pipeline.sampling.windows import WindowLayout
@@ -43,13 +43,18 @@ def as_grid(embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 class LargeImageSampler:
-    """Samples the latent canvas of a [rows, cols, D] embedding grid with a seed model.
+    """Samples the latent canvas of a [rows, cols, D] embedding grid.
 
-    Window conditions are computed once; every trajectory starts a fresh generator (config.seed)
-    and a fresh step rule, so repeated runs give the same canvases.
+    The model may be a DiffusionModel, a SeedModel or an ExportedModel. Window conditions are
+    computed once; every trajectory starts a fresh generator (config.seed) and a fresh step rule,
+    so repeated runs give the same canvases.
     """
 
-    def __init__(self, model: SeedModel, embeddings: torch.Tensor | np.ndarray, config: LargeImageConfig) -> None:
+    def __init__(self, model, embeddings: torch.Tensor | np.ndarray, config: LargeImageConfig) -> None:
+        model = as_diffusion_model(model)
+        if model.latent_size != config.window:
+            raise ValueError(f"the model samples {model.latent_size}x{model.latent_size} latents, but the "
+                             f"configured window is {config.window}")
         self.model = model
         self.config = config
         self.grid = as_grid(embeddings)
@@ -101,34 +106,36 @@ class LargeImageSampler:
         return canvas, stats
 
 
-def _decode_arguments(model: SeedModel, latent: torch.Tensor, config: LargeImageConfig) -> tuple:
+def _decode_arguments(model: DiffusionModel, latent: torch.Tensor, config: LargeImageConfig) -> tuple:
     """The positional arguments both decode entry points pass to pipeline.sampling.decode."""
-    return (vq_decoder(model.vae), latent, upsampling_factor(model.vae), config.window,
+    autoencoder = as_diffusion_model(model).autoencoder
+    return (autoencoder.decode, latent, autoencoder.downsampling_factor, config.window,
             config.decode_stride, config.decode_batch, config.decode_sigma)
 
 
 def decode_canvas(
-    model: SeedModel, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None
+    model: DiffusionModel, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None
 ) -> np.ndarray:
     """The Gaussian-blended uint8 image of a latent canvas (written into `out` when given)."""
     return decode_large_image(*_decode_arguments(model, latent, config), out=out)
 
 
 def decoded_bands(
-    model: SeedModel, latent: torch.Tensor, config: LargeImageConfig
+    model: DiffusionModel, latent: torch.Tensor, config: LargeImageConfig
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Stream of (first row, uint8 rows) bands; see decode.blended_bands."""
     return blended_bands(*_decode_arguments(model, latent, config))
 
 
 def generate_large_image(
-    model: SeedModel,
+    model: DiffusionModel,
     embeddings: torch.Tensor | np.ndarray,
     config: LargeImageConfig,
     decode: bool = True,
     out: np.ndarray | None = None,
 ) -> LargeImage:
     """Sample the canvas for an embedding grid and (optionally) decode it."""
+    model = as_diffusion_model(model)
     latent, stats = LargeImageSampler(model, embeddings, config).sample()
     image = decode_canvas(model, latent, config, out=out) if decode else None
     return LargeImage(latent=latent, image=image, stats=stats)

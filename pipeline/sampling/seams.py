@@ -29,6 +29,10 @@ def near_boundaries(pairs: int, boundaries: Iterable[int], band: int) -> np.ndar
     return mask
 
 
+# Rows of the image held as float64 at once: the image itself may be a memmap far larger than memory.
+SEAM_BLOCK_ROWS = 256
+
+
 def boundary_gradient_ratio(
     image: np.ndarray, row_boundaries: Iterable[int], column_boundaries: Iterable[int], band: int = SEAM_BAND
 ) -> float:
@@ -38,21 +42,31 @@ def boundary_gradient_ratio(
     difference of two neighbouring pixels (i, i+1); it is at a column boundary b when it runs
     along the rows and |i + 1 - b| < band (band 1: only the pair straddling b), and likewise at
     a row boundary. Above 1: jumps at the boundaries; below 1: flattened texture there.
+    Computed in blocks of rows, so the image may be a memmap of any size.
     """
-    grey = np.asarray(image, dtype=np.float64)
-    if grey.ndim == 3:
-        grey = grey.mean(axis=2)
-    along_rows = np.abs(np.diff(grey, axis=1))  # column i holds the pair (i, i+1)
-    along_columns = np.abs(np.diff(grey, axis=0))
-    at_columns = near_boundaries(along_rows.shape[1], column_boundaries, band)
-    at_rows = near_boundaries(along_columns.shape[0], row_boundaries, band)
-    at_seam = np.concatenate([along_rows[:, at_columns].ravel(), along_columns[at_rows].ravel()])
-    elsewhere = np.concatenate([along_rows[:, ~at_columns].ravel(), along_columns[~at_rows].ravel()])
-    if at_seam.size == 0 or elsewhere.size == 0:
+    height, width = image.shape[:2]
+    at_columns = near_boundaries(width - 1, column_boundaries, band)
+    at_rows = near_boundaries(height - 1, row_boundaries, band)
+    seam_sum = other_sum = 0.0
+    seam_count = other_count = 0
+    for top in range(0, height, SEAM_BLOCK_ROWS):
+        # One extra row below the block gives the vertical pairs (i, i+1) of its last row.
+        grey = np.asarray(image[top : top + SEAM_BLOCK_ROWS + 1], dtype=np.float64)
+        if grey.ndim == 3:
+            grey = grey.mean(axis=2)
+        along_rows = np.abs(np.diff(grey[:SEAM_BLOCK_ROWS], axis=1))  # column i holds the pair (i, i+1)
+        along_columns = np.abs(np.diff(grey, axis=0))  # row j holds the pair (top + j, top + j + 1)
+        rows_here = at_rows[top : top + len(along_columns)]
+        seam_sum += along_rows[:, at_columns].sum() + along_columns[rows_here].sum()
+        other_sum += along_rows[:, ~at_columns].sum() + along_columns[~rows_here].sum()
+        seam_count += along_rows[:, at_columns].size + along_columns[rows_here].size
+        other_count += along_rows[:, ~at_columns].size + along_columns[~rows_here].size
+    if seam_count == 0 or other_count == 0:
         raise ValueError("seam score needs pixel pairs both at and away from the boundaries")
-    if elsewhere.mean() == 0:
-        return 1.0 if at_seam.mean() == 0 else float("inf")
-    return float(at_seam.mean() / elsewhere.mean())
+    at_seam, elsewhere = seam_sum / seam_count, other_sum / other_count
+    if elsewhere == 0:
+        return 1.0 if at_seam == 0 else float("inf")
+    return float(at_seam / elsewhere)
 
 
 def seam_score(

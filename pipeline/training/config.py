@@ -54,6 +54,7 @@ class TrainConfig:
     augment: str = "stored"  # stored: random pick of the stored flip encodings | latent: flip the latent | none
     batch_size: int = 64  # per device
     shards_per_block: int = 4  # shards mixed into one shuffle block per rank
+    holdout_fraction: float = 0.0  # share of patch keys never trained on (pipeline.splits)
     num_workers: int = 1  # loader processes per rank: 0 (main process) or 1
     # model
     preset: str = "seed"
@@ -97,6 +98,8 @@ class TrainConfig:
                      "num_nodes", "shards_per_block", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
             raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.io.shard_stage import SHARD_GLOB
 from pipeline.io.shards import decode_npy, iter_shard
+from pipeline.splits import is_held_out
 from pipeline.training.config import TrainConfig
 
 LATENT_FIELDS = ("latent.npy", "latent_hflip.npy", "latent_vflip.npy", "latent_hvflip.npy")
@@ -59,26 +60,27 @@ class ShardInfo:
     count: int
 
 
-def tar_sample_count(path: str | Path) -> int:
-    """Number of samples (distinct keys) in a tar shard, from its headers only."""
+def tar_sample_count(path: str | Path, holdout_fraction: float = 0.0) -> int:
+    """Number of training samples (distinct keys not held out) in a tar shard, from its headers only."""
     keys = set()
     with tarfile.open(path) as tar:
         for member in tar:
             if member.isfile():
                 keys.add(member.name.split(".", 1)[0])
-    return len(keys)
+    return sum(not is_held_out(key, holdout_fraction) for key in keys)
 
 
-def find_latent_shards(paths: Sequence[str | Path]) -> list[ShardInfo]:
-    """Latent shards under each path, with their sample counts, in a fixed (sorted) order.
+def find_latent_shards(paths: Sequence[str | Path], holdout_fraction: float = 0.0) -> list[ShardInfo]:
+    """Latent shards under each path, with their training-sample counts, in a fixed (sorted) order.
 
     A path may be a shard, an input folder holding ``patches-*.tar`` (its ``manifest.parquet``, if
-    present, gives the counts), or a dataset folder with ``inputs/<input_id>/`` below it.
+    present, gives the counts), or a dataset folder with ``inputs/<input_id>/`` below it. Samples
+    held out by key (``holdout_fraction``, see pipeline.splits) are not counted.
     """
     found: list[ShardInfo] = []
     for path in map(Path, paths):
         if path.is_file():
-            found.append(ShardInfo(str(path), tar_sample_count(path)))
+            found.append(ShardInfo(str(path), tar_sample_count(path, holdout_fraction)))
             continue
         folders = [path] if any(path.glob(SHARD_GLOB)) else sorted(p for p in (path / "inputs").glob("*") if p.is_dir())
         for folder in folders:
@@ -86,11 +88,13 @@ def find_latent_shards(paths: Sequence[str | Path]) -> list[ShardInfo]:
             manifest = folder / "manifest.parquet"
             counts: dict[str, int] = {}
             if manifest.is_file():
-                frame = pd.read_parquet(manifest, columns=["shard"])
+                frame = pd.read_parquet(manifest, columns=["key", "shard"])
+                frame = frame[[not is_held_out(k, holdout_fraction) for k in frame["key"]]]
                 counts = frame["shard"].map(lambda s: Path(s).name).value_counts().to_dict()
             for shard in shards:
-                count = counts.get(shard.name)
-                found.append(ShardInfo(str(shard), int(count) if count is not None else tar_sample_count(shard)))
+                # A shard whose samples are all held out is absent from the filtered counts.
+                count = counts.get(shard.name, 0) if manifest.is_file() else tar_sample_count(shard, holdout_fraction)
+                found.append(ShardInfo(str(shard), int(count)))
     found = sorted({s.path: s for s in found}.values(), key=lambda s: s.path)
     if not found or sum(s.count for s in found) == 0:
         raise FileNotFoundError(f"no latent samples found under {[str(p) for p in paths]}")
@@ -215,7 +219,8 @@ class LatentBatches(IterableDataset):
 
     def _read_shard(self, index: int) -> list[dict[str, Any]]:
         shard = self.shards[index]
-        samples = list(iter_shard(shard.path))
+        holdout = self.config.holdout_fraction
+        samples = [s for s in iter_shard(shard.path) if not is_held_out(s["__key__"], holdout)]
         if len(samples) != shard.count:
             raise ShardContentError(f"{shard.path}: {len(samples)} samples, but its manifest lists {shard.count}")
         return samples
@@ -284,7 +289,7 @@ class LatentDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.shards is None:
-            self.shards = find_latent_shards(self.paths)
+            self.shards = find_latent_shards(self.paths, self.config.holdout_fraction)
             check_shards(self.shards, self.config)
 
     def train_dataloader(self) -> DataLoader:

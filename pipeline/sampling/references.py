@@ -1,0 +1,136 @@
+"""Real patches that condition the samplers: held-out patches, and k x k regions of adjacent ones.
+
+Both read the embedding stage's outputs (``OUT/embeddings/<dataset>/``): its ``index.parquet``
+says where each patch is (input, grid col/row, shard) and the shards hold the patch image next to
+its embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.io.shards import decode_image, decode_npy, image_field, iter_shard
+from pipeline.splits import is_held_out
+
+INDEX_NAME = "index.parquet"
+
+
+@dataclass
+class RealPatch:
+    key: str
+    input_id: str
+    col: int
+    row: int
+    image: np.ndarray  # (H, W, 3) uint8
+    embedding: np.ndarray  # (D,) float32
+
+
+def read_index(embeddings_dir: str | Path) -> pd.DataFrame:
+    path = Path(embeddings_dir) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: embedding index not found (run the embed stage first)")
+    return pd.read_parquet(path)
+
+
+def held_out_rows(index: pd.DataFrame, holdout_inputs: Iterable[str], fraction: float,
+                  limit: int | None = None) -> pd.DataFrame:
+    """Rows of held-out patches (whole held-out inputs, then hashed keys), in index order.
+
+    With a limit, every held-out input and every other input contributes in turn (round robin),
+    so a few large slides do not crowd out the rest.
+    """
+    whole = set(holdout_inputs)
+    chosen = index[[ident in whole or is_held_out(key, fraction) for ident, key in zip(index.input_id, index.key)]]
+    if limit is None or len(chosen) <= limit:
+        return chosen.reset_index(drop=True)
+    turn = chosen.groupby("input_id", sort=False).cumcount()
+    return chosen.assign(_turn=turn.values).sort_values(["_turn"], kind="stable").head(limit) \
+        .sort_index().drop(columns="_turn").reset_index(drop=True)
+
+
+def load_patches(embeddings_dir: str | Path, rows: pd.DataFrame, embedding_key: str) -> dict[str, RealPatch]:
+    """Image and embedding of each row's patch, read shard by shard."""
+    inputs_dir = Path(embeddings_dir) / "inputs"
+    field = f"{embedding_key}.npy"
+    found: dict[str, RealPatch] = {}
+    for shard, group in rows.groupby("shard", sort=True):
+        wanted = {key: (ident, int(col), int(row))
+                  for key, ident, col, row in zip(group.key, group.input_id, group.col, group.row)}
+        path = inputs_dir / shard
+        for sample in iter_shard(path):
+            key = sample["__key__"]
+            if key not in wanted:
+                continue
+            if field not in sample:
+                raise KeyError(f"{path}: sample {key!r} has no embedding {field!r}")
+            ident, col, row = wanted[key]
+            embedding = decode_npy(sample[field]).reshape(-1).astype(np.float32)
+            found[key] = RealPatch(key, ident, col, row, decode_image(sample[image_field(sample)]), embedding)
+    missing = sorted(set(rows.key) - set(found))
+    if missing:
+        raise KeyError(f"{inputs_dir}: {len(missing)} indexed patches not found in their shards, e.g. {missing[:3]}")
+    return found
+
+
+@dataclass(frozen=True)
+class Region:
+    """k x k adjacent patches of one input; keys[r][c] is the patch at grid (col + c, row + r)."""
+
+    input_id: str
+    col: int
+    row: int
+    k: int
+    keys: tuple[tuple[str, ...], ...]
+    held_out: bool  # the whole region comes from a held-out input
+
+
+def find_regions(index: pd.DataFrame, k: int, count: int, prefer_inputs: Iterable[str] = ()) -> list[Region]:
+    """Up to `count` non-overlapping k x k blocks whose patches are all present, row-major per input.
+
+    Inputs in `prefer_inputs` (the held-out slides) are searched first; the other inputs follow in
+    index order, and take turns so that regions come from as many inputs as possible.
+    """
+    if k < 1 or count < 1:
+        raise ValueError("region side k and region count must be positive")
+    preferred = list(dict.fromkeys(prefer_inputs))
+    order = preferred + [ident for ident in dict.fromkeys(index.input_id) if ident not in preferred]
+    candidates: dict[str, list[Region]] = {}
+    for ident in order:
+        rows = index[index.input_id == ident]
+        at = {(int(c), int(r)): key for c, r, key in zip(rows.col, rows.row, rows.key)}
+        taken: set[tuple[int, int]] = set()
+        found = []
+        for top in sorted({r for _, r in at}):
+            for left in sorted({c for c, _ in at}):
+                cells = [(left + dc, top + dr) for dr in range(k) for dc in range(k)]
+                if all(cell in at and cell not in taken for cell in cells):
+                    taken.update(cells)
+                    keys = tuple(tuple(at[(left + dc, top + dr)] for dc in range(k)) for dr in range(k))
+                    found.append(Region(ident, left, top, k, keys, ident in preferred))
+        candidates[ident] = found
+    chosen: list[Region] = []
+    for ident in preferred:  # held-out inputs first, in full
+        chosen.extend(candidates.get(ident, [])[: count - len(chosen)])
+    others = [candidates[i] for i in order if i not in preferred]
+    turn = 0
+    while len(chosen) < count and any(turn < len(c) for c in others):
+        chosen.extend(c[turn] for c in others if turn < len(c))
+        turn += 1
+    return chosen[:count]
+
+
+def region_rows(index: pd.DataFrame, region: Region) -> pd.DataFrame:
+    keys = {key for row in region.keys for key in row}
+    return index[index.key.isin(keys)]
+
+
+def region_grid(region: Region, patches: dict[str, RealPatch]) -> tuple[np.ndarray, np.ndarray]:
+    """([k, k, D] embeddings, rows then columns; the real (k*P, k*P, 3) region stitched from its patches)."""
+    grid = np.stack([np.stack([patches[key].embedding for key in row]) for row in region.keys])
+    image = np.concatenate([np.concatenate([patches[key].image for key in row], axis=1) for row in region.keys])
+    return grid.astype(np.float32), image

@@ -1,0 +1,233 @@
+"""The `sample` and `large_image` stages: real held-out embeddings in, images and manifests out.
+
+Outputs (see docs/data_contract.md, stages 5 and 6):
+
+- ``OUT/samples/<dataset>/``: ``generated/<key>.png``, ``real/<key>.png``, ``conditions.npy``,
+  ``manifest.parquet``, ``grid.jpg``, ``sample.json``; written as one folder, atomically.
+- ``OUT/large_images/<dataset>/``: ``region-NNN/`` folders (each atomic, reused by a re-run with the
+  same settings) and ``manifest.parquet``, written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pipeline.io.atomic import atomic_dir, atomic_file, remove_path, write_text_atomic
+from pipeline.io.large_image_files import write_png, write_pyramid_tiff
+from pipeline.sampling.config import FAST_MODE, SEED_MODE, LargeImageConfig
+from pipeline.sampling.large_image import LargeImageSampler, decoded_bands, large_image_seam_score
+from pipeline.sampling.model import DiffusionModel, load_diffusion_model
+from pipeline.sampling.patches import PatchSampler, PatchSamplingConfig
+from pipeline.sampling.references import (
+    find_regions,
+    held_out_rows,
+    load_patches,
+    read_index,
+    region_grid,
+    region_rows,
+)
+
+MODES = {"seed": SEED_MODE, "fast": FAST_MODE}
+PNG_MAX_SIDE = 4096
+
+
+def embedding_key_of(model: DiffusionModel, fallback: str | None) -> str:
+    """The embedding the model was trained on (recorded in its export), else the given one."""
+    key = model.info.get("embedding_key") or fallback
+    if not key:
+        raise ValueError(f"{model.source}: the model does not record its embedding key; name the encoder")
+    return key
+
+
+def _to_png(path: Path, image: np.ndarray) -> None:
+    with atomic_file(path) as temp:
+        Image.fromarray(image).save(temp, format="PNG")
+
+
+def pair_grid(reals: list[np.ndarray], generated: list[np.ndarray], pairs_per_row: int = 4) -> np.ndarray:
+    """Real | generated pairs side by side, `pairs_per_row` pairs per row, white gaps between pairs."""
+    side = reals[0].shape[0]
+    gap = max(2, side // 32)
+    rows = -(-len(reals) // pairs_per_row)
+    cell = 2 * side + gap
+    grid = np.full((rows * (side + gap) - gap, min(len(reals), pairs_per_row) * cell - gap, 3), 255, np.uint8)
+    for i, (real, fake) in enumerate(zip(reals, generated)):
+        top, left = (i // pairs_per_row) * (side + gap), (i % pairs_per_row) * cell
+        grid[top : top + side, left : left + side] = real
+        grid[top : top + side, left + side : left + 2 * side] = fake
+    return grid
+
+
+def sample_patches(model_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path, *, dataset: str,
+                   mpp: float, holdout_inputs: tuple[str, ...], holdout_fraction: float,
+                   config: PatchSamplingConfig, max_samples: int, device: torch.device,
+                   embedding_key: str | None = None, grid_pairs: int = 16) -> pd.DataFrame:
+    """One generated patch per held-out real patch (at most max_samples), conditioned on its embedding."""
+    model = load_diffusion_model(model_dir).to(device)
+    key = embedding_key_of(model, embedding_key)
+    rows = held_out_rows(read_index(embeddings_dir), holdout_inputs, holdout_fraction, max_samples)
+    if rows.empty:
+        raise ValueError(f"{embeddings_dir}: no held-out patches (holdout inputs {list(holdout_inputs)}, "
+                         f"fraction {holdout_fraction}); hold out an input or raise holdout.fraction")
+    patches = load_patches(embeddings_dir, rows, key)
+    ordered = [patches[k] for k in rows.key]
+    conditions = np.stack([p.embedding for p in ordered])
+    started = time.perf_counter()
+    evaluations = 0
+    records, grid_real, grid_fake = [], [], []
+    with atomic_dir(out_dir) as temp:
+        (temp / "generated").mkdir()
+        (temp / "real").mkdir()
+        sampler = PatchSampler(model, config)
+        for batch in sampler.batches(conditions):
+            evaluations += batch.unet_evaluations
+            for offset, image in enumerate(batch.images):
+                patch = ordered[batch.first_index + offset]
+                generated, real = f"generated/{patch.key}.png", f"real/{patch.key}.png"
+                Image.fromarray(image).save(temp / generated)
+                Image.fromarray(patch.image).save(temp / real)
+                records.append({"sample_id": patch.key, "key": patch.key, "input_id": patch.input_id,
+                                "col": patch.col, "row": patch.row, "generated": generated, "real": real,
+                                "seed_index": batch.first_index + offset})
+                if len(grid_real) < grid_pairs:
+                    grid_real.append(patch.image)
+                    grid_fake.append(image)
+        manifest = pd.DataFrame.from_records(records)
+        manifest.to_parquet(temp / "manifest.parquet", index=False)
+        np.save(temp / "conditions.npy", conditions.astype(np.float32))
+        Image.fromarray(pair_grid(grid_real, grid_fake)).save(temp / "grid.jpg", quality=92)
+        summary = {
+            "dataset": dataset, "mpp": mpp, "model": str(model_dir), "embedding_key": key,
+            "random_weights": model.random_weights, "samples": len(manifest),
+            "held_out": {"inputs": list(holdout_inputs), "fraction": holdout_fraction},
+            "sampler": asdict(config), "unet_evaluations": evaluations,
+            "seconds": round(time.perf_counter() - started, 3), "device": str(device),
+        }
+        (temp / "sample.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def large_image_config(mode: str, window: int, overrides: dict[str, Any] | None = None) -> LargeImageConfig:
+    """A mode's settings for a model with `window`-latent windows, then the user's overrides.
+
+    The modes are defined for the seed's 64-latent windows; for other window sizes their strides
+    keep the same fraction of the window. Overrides (latent pixels) are taken as given.
+    """
+    if mode not in MODES:
+        raise ValueError(f"large-image mode {mode!r}: expected one of {sorted(MODES)}")
+    base = MODES[mode]
+    scale = window / base.window
+    config = base.with_(window=window, stride=max(1, round(base.stride * scale)),
+                        decode_stride=max(1, round(base.decode_stride * scale)))
+    chosen = {name: value for name, value in (overrides or {}).items() if value is not None}
+    return config.with_(**chosen) if chosen else config
+
+
+def _settings_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pixel_size_um(resolution: float, kind: str) -> float:
+    """Micrometres per pixel, as TIFF readers want it: slides give um/px, aerial datasets m/px."""
+    return resolution * 1e6 if kind == "aerial" else resolution
+
+
+def generate_region(model: DiffusionModel, grid: np.ndarray, reference: np.ndarray, folder: Path,
+                    config: LargeImageConfig, pixel_um: float, png_max_side: int, tiff: bool) -> dict[str, Any]:
+    """Sample, decode (streamed into a disk memmap) and write one region's files into `folder`."""
+    sampler = LargeImageSampler(model, grid, config)
+    latent, stats = sampler.sample()
+    factor = model.autoencoder.downsampling_factor
+    height, width = latent.shape[2] * factor, latent.shape[3] * factor
+    canvas_path = folder / "generated.uint8"
+    image = np.lib.format.open_memmap(canvas_path, mode="w+", dtype=np.uint8, shape=(height, width, 3))
+    decode_started = time.perf_counter()
+    for top, rows in decoded_bands(model, latent, config):
+        image[top : top + len(rows)] = rows
+    image.flush()
+    decode_seconds = time.perf_counter() - decode_started
+    files = {}
+    if max(height, width) <= png_max_side:
+        write_png(folder / "generated.png", image)
+        files["generated_png"] = "generated.png"
+    if tiff or "generated_png" not in files:
+        write_pyramid_tiff(folder / "generated.tif", image, pixel_um, description="rldiff generated image")
+        files["generated_tif"] = "generated.tif"
+    seam = large_image_seam_score(image, tuple(latent.shape), config, factor)
+    del image
+    remove_path(canvas_path)
+    if max(reference.shape[:2]) <= png_max_side:
+        write_png(folder / "reference.png", reference)
+        files["reference_png"] = "reference.png"
+    else:
+        write_pyramid_tiff(folder / "reference.tif", reference, pixel_um, description="rldiff reference region")
+        files["reference_tif"] = "reference.tif"
+    np.save(folder / "embeddings.npy", grid)
+    return {**files, "width": width, "height": height, "seam_score": seam, "windows": stats.windows,
+            "steps": stats.steps, "unet_evaluations": stats.unet_evaluations, "unet_calls": stats.unet_calls,
+            "sampling_seconds": round(stats.seconds, 3), "decode_seconds": round(decode_seconds, 3)}
+
+
+def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path, *, dataset: str,
+                          kind: str, mpp: float, holdout_inputs: tuple[str, ...], k: int, count: int, mode: str,
+                          overrides: dict[str, Any] | None, seed: int, device: torch.device,
+                          png_max_side: int = PNG_MAX_SIDE, tiff: bool = True,
+                          embedding_key: str | None = None) -> pd.DataFrame:
+    """Large images for up to `count` real k x k regions (held-out inputs first)."""
+    if png_max_side > PNG_MAX_SIDE:
+        raise ValueError(f"png_max_side {png_max_side}: PNGs are written up to {PNG_MAX_SIDE} px")
+    out_dir = Path(out_dir)
+    model = load_diffusion_model(model_dir).to(device)
+    key = embedding_key_of(model, embedding_key)
+    index = read_index(embeddings_dir)
+    regions = find_regions(index, k, count, holdout_inputs)
+    if not regions:
+        raise ValueError(f"{embeddings_dir}: no {k}x{k} block of adjacent patches in any input; lower large_image.k")
+    base = large_image_config(mode, model.latent_size, overrides)
+    records = []
+    for number, region in enumerate(regions):
+        config = base.with_(seed=seed + number)
+        settings = {"model": str(model_dir), "region": asdict(region), "config": asdict(config), "mpp": mpp,
+                    "png_max_side": png_max_side, "tiff": tiff, "embedding_key": key}
+        digest = _settings_digest(settings)
+        folder = out_dir / f"region-{number:03d}"
+        record_path = folder / "region.json"
+        if record_path.is_file() and json.loads(record_path.read_text()).get("settings_sha") == digest:
+            record = json.loads(record_path.read_text())  # finished by an earlier run with these settings
+        else:
+            patches = load_patches(embeddings_dir, region_rows(index, region), key)
+            grid, reference = region_grid(region, patches)
+            with atomic_dir(folder) as temp:
+                files = generate_region(model, grid, reference, temp, config, pixel_size_um(mpp, kind),
+                                        png_max_side, tiff)
+                record = {"region": f"region-{number:03d}", "input_id": region.input_id, "col": region.col,
+                          "row": region.row, "k": region.k, "held_out": region.held_out, "mpp": mpp,
+                          "dataset": dataset, "mode": mode, "sampler": config.sampler, "steps": config.steps,
+                          "stride": config.stride, "guidance_scale": config.guidance_scale,
+                          "guidance_form": config.guidance_form, "seed": config.seed,
+                          "random_weights": model.random_weights, "settings_sha": digest,
+                          "keys": [list(row) for row in region.keys], "config": asdict(config), **files}
+                (temp / "region.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        records.append(record)
+    manifest = pd.DataFrame.from_records(
+        [{name: value for name, value in r.items() if name not in ("keys", "config")} for r in records])
+    for column in ("generated_png", "generated_tif", "reference_png", "reference_tif"):
+        if column in manifest:
+            manifest[column] = [f"{r}/{v}" if isinstance(v, str) else None for r, v in zip(manifest.region, manifest[column])]
+    manifest["embeddings"] = [f"{r}/embeddings.npy" for r in manifest.region]
+    with atomic_file(out_dir / "manifest.parquet") as temp:
+        manifest.to_parquet(temp, index=False)
+    write_text_atomic(out_dir / "large_images.json", json.dumps(
+        {"dataset": dataset, "regions": len(manifest), "k": k, "mode": mode, "model": str(model_dir)},
+        indent=2, sort_keys=True) + "\n")
+    return manifest
