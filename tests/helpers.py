@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +38,45 @@ def read_shards(folder: Path) -> list[dict]:
 
 def decode(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+# Runs `python -m pipeline <args>` with one function wrapped so that the process SIGKILLs itself
+# right after that function's N-th call returns: a real kill at a chosen point of a real run.
+_KILL_AFTER_CALLS = """
+import importlib, os, signal, sys
+module, attribute, after = sys.argv[1], sys.argv[2], int(sys.argv[3])
+owner = importlib.import_module(module)
+*path, name = attribute.split(".")
+for part in path:
+    owner = getattr(owner, part)
+original, calls = getattr(owner, name), 0
+def call_then_die(*args, **kwargs):
+    global calls
+    result = original(*args, **kwargs)
+    calls += 1
+    if calls >= after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+setattr(owner, name, call_then_die)
+from pipeline.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def pipeline_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def run_pipeline(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`python -m pipeline <args>`, checked."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=pipeline_env(), check=True,
+                          capture_output=True, **kwargs)
+
+
+def run_pipeline_killed(target: str, after_calls: int, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`python -m pipeline <args>`, SIGKILLed after ``target`` ("module:Attr.path") returned ``after_calls`` times."""
+    module, attribute = target.split(":")
+    process = subprocess.run([sys.executable, "-c", _KILL_AFTER_CALLS, module, attribute, str(after_calls), *args],
+                             env=pipeline_env(), capture_output=True, **kwargs)
+    assert process.returncode == -9, f"expected a SIGKILL, got {process.returncode}: {process.stderr[-2000:]}"
+    return process

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from helpers import DEMO_SLIDE, REPO, decode, make_spec, read_shards
+from helpers import DEMO_SLIDE, decode, make_spec, read_shards, run_pipeline, run_pipeline_killed
 from pipeline.embedding.encoders import build_encoder
 from pipeline.embedding.extract import RunSettings, embed_input, write_dataset_index
 from pipeline.io.shards import decode_npy
@@ -88,31 +84,16 @@ def test_several_encoders_each_add_their_array(tiles, hipt, tmp_path):
         assert set(json.loads(sample["json"])["encoders"]) == {"hipt_vit_s16", "dino_vitb16"}
 
 
-KILL_AFTER_ONE_SHARD = textwrap.dedent("""
-    import os, signal, sys
-    from pipeline.embedding import extract
-    original = extract.embed_shard
-    def embed_then_die(*args, **kwargs):
-        count = original(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)
-    extract.embed_shard = embed_then_die
-    from pipeline.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
 def test_killed_run_resumes_without_redoing_finished_shards(tiles, embedded, tmp_path):
     out = tmp_path / "emb"
     args = ["embed-input", "--tiles", str(tiles), "--out", str(out),
             "--encoders", json.dumps({"hipt_vit_s16": {"allow_random_weights": True}}),
             "--settings", json.dumps({"batch_size": 8, "num_workers": 0, "device": "cpu"})]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_ONE_SHARD, *args], env=env, capture_output=True)
-    assert killed.returncode == -9
+    run_pipeline_killed("pipeline.embedding.extract:embed_shard", 1, args)
     finished = sorted(out.glob("*.tar"))
     assert len(finished) == 1 and not (out / "manifest.parquet").exists()
     first_stat = finished[0].stat()
-    subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, check=True, capture_output=True)
+    run_pipeline(args)
     assert finished[0].stat().st_mtime_ns == first_stat.st_mtime_ns  # not recomputed
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     reference, _ = embedded

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import openslide
@@ -15,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage import color
 
-from helpers import DEMO_SLIDE, REPO, decode, make_spec, read_shards
+from helpers import DEMO_SLIDE, decode, make_spec, read_shards, run_pipeline, run_pipeline_killed
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source
 from pipeline.tiling.tissue import MAX_BACKGROUND_FRACTION, background_fraction
@@ -137,32 +133,13 @@ def test_shards_are_deterministic_and_split(tmp_path):
         assert (first / name).read_bytes() == (second / name).read_bytes()
 
 
-KILL_AFTER_WRITES = textwrap.dedent("""
-    import os, signal, sys
-    from pipeline.io import shards
-    original = shards.ShardWriter.write
-    count = 0
-    def write_then_die(self, key, fields):
-        global count
-        count += 1
-        if count > 7:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, key, fields)
-    shards.ShardWriter.write = write_then_die
-    from pipeline.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
 def test_killed_job_leaves_nothing_finished_and_rerun_is_identical(tmp_path):
     spec = make_spec(inputs={ID: str(DEMO_SLIDE)}, patches_per_shard=5)
     killed = tmp_path / "killed"
     args = ["tile-input", "--spec", spec.to_json(), "--input-id", ID, "--out", str(killed)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_WRITES, *args], env=env, cwd=tmp_path)
-    assert proc.returncode == -9
+    run_pipeline_killed("pipeline.io.shards:ShardWriter.write", 7, args, cwd=tmp_path)  # mid second shard
     assert not killed.exists(), "a killed job must not leave its output folder"
-    subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, check=True, cwd=tmp_path)
+    run_pipeline(args, cwd=tmp_path)
     reference = tmp_path / "reference"
     tile_input(spec, ID, DEMO_SLIDE, reference, open_slide_source)
     names = sorted(p.name for p in reference.glob("*.tar"))

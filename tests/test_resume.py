@@ -1,0 +1,94 @@
+"""A killed latents or training run (SIGKILL of a real `python -m pipeline` process) re-run to the
+end gives what an uninterrupted run gives: byte-identical latent shards and manifest; the same
+losses after the last checkpoint and the same final weights. (Tiling and embedding: the kill tests
+in test_tiling_slide.py and test_embedding.py.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import run_pipeline, run_pipeline_killed
+from pipeline.latents import EncodeSettings, encode_input, random_vq
+from test_latents import make_embedding_input, real_patches
+
+AUTOENCODER = {"kind": "random", "preset": "tiny-vq-f16", "allow_random_weights": True}
+ENCODE_SETTINGS = {"batch_size": 4, "num_workers": 0, "device": "cpu", "flips": "all"}
+TRAIN_SETTINGS = {"preset": "small", "latent_size": 16, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 5,
+                  "max_steps": 24, "checkpoint_every": 8, "log_every": 1, "num_workers": 0, "ema_decay": 0.99,
+                  "seed": 3, "accelerator": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Path:
+    """An input in the embedding stage's layout: 12 real H&E patches in 4 shards."""
+    folder = tmp_path_factory.mktemp("embeddings") / "inputs" / "slideA"
+    make_embedding_input(folder, real_patches()[:12], per_shard=3)
+    return folder
+
+
+def encode_latents_args(embeddings: Path, out: Path) -> list[str]:
+    return ["encode-latents", "--embeddings", str(embeddings), "--out", str(out),
+            "--autoencoder", json.dumps(AUTOENCODER), "--settings", json.dumps(ENCODE_SETTINGS)]
+
+
+def test_killed_latents_run_resumes_to_identical_bytes(embedded, tmp_path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_pipeline(encode_latents_args(embedded, reference))
+    run_pipeline_killed("pipeline.latents.encode:encode_shard", 2, encode_latents_args(embedded, resumed))
+    assert sorted(p.name for p in resumed.iterdir()) == ["patches-000000.tar", "patches-000001.tar"]  # no manifest
+    finished = (resumed / "patches-000000.tar").stat().st_mtime_ns
+    run_pipeline(encode_latents_args(embedded, resumed))
+    assert (resumed / "patches-000000.tar").stat().st_mtime_ns == finished  # finished shards are kept
+    names = sorted(p.name for p in reference.iterdir())
+    assert names == sorted(p.name for p in resumed.iterdir()) and "manifest.parquet" in names and len(names) == 5
+    for name in names:
+        assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def latent_manifest(embedded, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents") / "inputs" / "slideA"
+    encode_input(embedded, out, random_vq("tiny-vq-f16", seed=0, allow_random_weights=True),
+                 EncodeSettings(**ENCODE_SETTINGS))
+    return out / "manifest.parquet"
+
+
+def train_args(run: Path, latents: Path) -> list[str]:
+    return ["train", "--run", str(run), "--embedding-key", "hipt_vit_s16", "--settings", json.dumps(TRAIN_SETTINGS),
+            "--done", str(run / "done.json"), str(latents)]
+
+
+def logged_losses(run: Path, version: int) -> dict[int, float]:
+    """train/loss by global step from one (re)start's CSV log."""
+    metrics = pd.read_csv(run / "logs" / f"version_{version}" / "metrics.csv")
+    losses = metrics.dropna(subset=["train/loss"])
+    return dict(zip(losses["step"].astype(int), losses["train/loss"]))
+
+
+def test_killed_training_continues_from_the_last_checkpoint_with_the_same_losses(latent_manifest, tmp_path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_pipeline(train_args(reference, latent_manifest))
+    # Killed during step 13: the newest checkpoint is the periodic one of step 8.
+    run_pipeline_killed("pipeline.training.module:LatentDiffusion.training_step", 13, train_args(resumed, latent_manifest))
+    assert not (resumed / "done.json").exists()
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    run_pipeline(train_args(resumed, latent_manifest))
+    assert json.loads((resumed / "done.json").read_text())["max_steps"] == 24
+    expected = logged_losses(reference, 0)
+    killed, continued = logged_losses(resumed, 0), logged_losses(resumed, 1)
+    assert sorted(expected) == list(range(24)) and sorted(continued) == list(range(8, 24))
+    for losses in (killed, continued):
+        steps = sorted(losses)
+        np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=0, atol=1e-6)
+    final, uninterrupted = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+                            for run in (resumed, reference))
+    assert final.keys() == uninterrupted.keys()
+    for key, value in final.items():
+        assert torch.allclose(value, uninterrupted[key], rtol=0, atol=1e-6), key
