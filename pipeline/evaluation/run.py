@@ -1,0 +1,214 @@
+"""Stage 7: evaluation. FID/KID of generated patches and large-image crops, and the cosine
+between each generated image's SSL embedding and the embedding it was conditioned on; every
+number goes to one metrics.json with its sample counts and what produced it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.embedding.encoders import ENCODERS
+from pipeline.embedding.extract import RunSettings, embed_images
+from pipeline.evaluation.distances import (KID_SEED, degenerate_covariance_warning, features_frechet_distance,
+                                           kernel_distance, kid_subset_size)
+from pipeline.evaluation.extractors import (EncoderCache, ExtractorUnavailable, FeatureExtractor, build_extractor,
+                                            encoder_record)
+from pipeline.evaluation.inputs import (LargeImages, PatchSamples, read_large_images, read_patch_samples, read_rgb,
+                                        write_region_crops)
+from pipeline.evaluation.settings import EvaluationError, EvaluationSettings
+from pipeline.io.atomic import write_text_atomic
+from pipeline.io.shard_stage import resolve_device
+
+log = logging.getLogger(__name__)
+
+METRICS_FORMAT = "rldiff-metrics/1"
+PATCHES, CROPS = "patches", "large_image_crops"
+SCOPE_PREFIX = {PATCHES: "", CROPS: "crop_"}
+
+
+def folder_features(extractor: FeatureExtractor, files: Sequence[Path], settings: EvaluationSettings,
+                    device: torch.device) -> np.ndarray:
+    """Features [N, D] of image files through clean-fid's loader (mode "clean"), computed once per
+    set and shared by the Fréchet and kernel distances."""
+    from cleanfid.fid import get_files_features
+
+    return get_files_features([str(f) for f in files], extractor.model, num_workers=settings.num_workers,
+                              batch_size=settings.batch_size, device=device, mode="clean",
+                              custom_fn_resize=extractor.fn_resize, verbose=False)
+
+
+class ImageFiles(Dataset):
+    """uint8 CHW tensors of image files, decoded in DataLoader workers (what embed_images takes)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(read_rgb(self.paths[index]))).permute(2, 0, 1).contiguous()
+
+
+def cosine_similarities(encoder, files: Sequence[Path], conditions: np.ndarray,
+                        settings: EvaluationSettings) -> np.ndarray:
+    """Cosine between the embedding of files[i] (as the embed stage computes it) and conditions[i]."""
+    run = RunSettings(batch_size=settings.batch_size, num_workers=settings.num_workers, device=settings.device)
+    embedded = embed_images([encoder], ImageFiles(files), run)[encoder.spec.name].astype(np.float32)
+    norms = np.linalg.norm(embedded, axis=1) * np.linalg.norm(conditions, axis=1)
+    return np.sum(embedded * conditions, axis=1) / np.maximum(norms, 1e-12)
+
+
+class Evaluation:
+    """Collects metric records with the context they share (dataset, resolution, sampler)."""
+
+    def __init__(self, settings: EvaluationSettings, encoder_settings: dict[str, Any]):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.encoders = EncoderCache(encoder_settings, self.device)
+        self.extractors: list[FeatureExtractor] = []
+        self.metrics: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, str]] = []
+
+    def build_extractors(self) -> None:
+        self.extractors = [build_extractor(self.settings.feature_extractor, self.settings, self.encoders)]
+        if self.settings.clip_fid and self.settings.feature_extractor != "clip":
+            try:
+                self.extractors.append(build_extractor("clip", self.settings, self.encoders))
+            except ExtractorUnavailable as exc:
+                log.warning("%s", exc)
+                self.skipped.append({"name": "clip_fid", "reason": str(exc)})
+
+    def record(self, name: str, value: float, scope: str, counts: dict[str, int], extractor: dict[str, Any],
+               context: dict[str, Any], warnings: list[str], **extra: Any) -> None:
+        for warning in warnings:
+            log.warning("%s: %s", name, warning)
+        if extractor.get("random_weights"):  # build_encoder has already said so loudly, once
+            warnings = [f"{extractor['name']} has RANDOM weights: this number says nothing about the images",
+                        *warnings]
+        self.metrics.append({"name": name, "value": value if math.isfinite(value) else None, "scope": scope,
+                             "samples": counts, "feature_extractor": extractor, **context, **extra,
+                             "warnings": warnings})
+
+    def distances(self, scope: str, generated: Sequence[Path], real: Sequence[Path], context: dict[str, Any]) -> None:
+        counts = {"generated": len(generated), "real": len(real)}
+        prefix = SCOPE_PREFIX[scope]
+        for extractor in self.extractors:
+            if min(counts.values()) < 2:
+                self.skipped.append({"name": prefix + extractor.fd_name,
+                                     "reason": f"needs at least 2 images per set, got {counts}"})
+                continue
+            log.info("%s%s: features of %d generated and %d real images", prefix, extractor.fd_name, *counts.values())
+            gen = folder_features(extractor, generated, self.settings, self.device)
+            ref = folder_features(extractor, real, self.settings, self.device)
+            degenerate = degenerate_covariance_warning(counts, extractor.dim)
+            self.record(prefix + extractor.fd_name, features_frechet_distance(gen, ref), scope, counts,
+                        extractor.record, context, [degenerate] if degenerate else [])
+            kid = {"subsets": self.settings.kid_subsets, "seed": KID_SEED,
+                   "subset_size": kid_subset_size(len(gen), len(ref), self.settings.kid_subset_size)}
+            self.record(prefix + extractor.kd_name,
+                        kernel_distance(gen, ref, self.settings.kid_subsets, self.settings.kid_subset_size),
+                        scope, counts, extractor.record, context, [], kid=kid)
+
+    def similarity(self, scope: str, embedding_key: str, generated: Sequence[Path], real: Sequence[Path],
+                   conditions: np.ndarray, context: dict[str, Any]) -> None:
+        encoder = self.encoders.get(embedding_key)
+        prefix = SCOPE_PREFIX[scope]
+        # The real image's own cosine is the ceiling: far below 1, the conditions were not made by
+        # this encoder (other weights or preprocessing) and the generated cosine cannot be read.
+        for name, files, counts in ((f"{prefix}embedding_cosine", generated, {"generated": len(generated), "real": 0}),
+                                    (f"{prefix}embedding_cosine_real", real, {"generated": 0, "real": len(real)})):
+            cosines = cosine_similarities(encoder, files, conditions, self.settings)
+            spread = {"std": float(cosines.std()), "min": float(cosines.min()),
+                      "median": float(np.median(cosines)), "max": float(cosines.max())}
+            self.record(name, float(cosines.mean()), scope, counts, encoder_record(encoder), context, [], **spread)
+
+    def patches(self, samples: PatchSamples) -> None:
+        context = {"dataset": samples.dataset, "mpp": samples.mpp, "sampler": samples.sampler}
+        self.distances(PATCHES, samples.generated, samples.unique_real, context)
+        self.similarity(PATCHES, samples.embedding_key, samples.generated, samples.real, samples.conditions, context)
+
+    def large_images(self, large: LargeImages, scratch: Path) -> None:
+        context = {"dataset": large.dataset, "mpp": large.mpp, "sampler": large.sampler,
+                   "sampler_varies_per_region": large.varying, "regions": len(large.regions)}
+        generated, reference, conditions = [], [], []
+        for region in large.regions:
+            gen, ref = write_region_crops(region, scratch)
+            generated += gen
+            reference += ref
+            conditions.append(region.embeddings.reshape(region.k * region.k, -1))  # row-major, as the crops
+        self.distances(CROPS, generated, reference, context)
+        self.similarity(CROPS, large.embedding_key, generated, reference, np.concatenate(conditions), context)
+
+
+def _embedding_key(recorded: str | None, given: str | None, dim: int, source: Path) -> str:
+    """The encoder that made the conditions (what the folder records, else what the caller says),
+    checked against the conditions' width before any network is loaded."""
+    if recorded and given and recorded != given:
+        raise EvaluationError(f"{source}: conditions were made by {recorded!r}, but embedding key {given!r} was given")
+    key = recorded or given
+    if not key:
+        raise EvaluationError(f"{source}: no embedding_key says which encoder made the conditions; pass one")
+    if key not in ENCODERS:
+        raise EvaluationError(f"{source}: embedding_key {key!r} is not in the encoder registry")
+    if ENCODERS[key].output_dim != dim:
+        raise EvaluationError(f"{source}: conditions have {dim} dimensions, but {key} gives {ENCODERS[key].output_dim}")
+    return key
+
+
+def evaluate(out: str | Path, settings: EvaluationSettings, encoder_settings: dict[str, Any],
+             samples: str | Path | None = None, large_images: str | Path | None = None,
+             embedding_key: str | None = None) -> dict[str, Any]:
+    """Evaluate a patch-samples folder and/or a large-images folder; write ``out`` (metrics.json)
+    atomically and return its content. ``embedding_key`` names the conditioning encoder for
+    folders that do not record it (large images fall back to the samples' key)."""
+    if samples is None and large_images is None:
+        raise EvaluationError("nothing to evaluate: give a patch samples folder, a large-images folder, or both")
+    out = Path(out)
+    # Read and check every input before loading any network, so a bad folder fails in seconds.
+    patch_samples = read_patch_samples(samples) if samples is not None else None
+    large = read_large_images(large_images) if large_images is not None else None
+    if patch_samples is not None:
+        patch_samples.embedding_key = _embedding_key(patch_samples.embedding_key, embedding_key,
+                                                     patch_samples.conditions.shape[1],
+                                                     patch_samples.folder / "sample.json")
+        embedding_key = embedding_key or patch_samples.embedding_key
+    if large is not None:
+        large.embedding_key = _embedding_key(large.embedding_key, embedding_key,
+                                             large.regions[0].embeddings.shape[2], large.folder / "manifest.parquet")
+    run = Evaluation(settings, encoder_settings)
+    run.build_extractors()
+    if patch_samples is not None:
+        run.patches(patch_samples)
+    if large is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".crops-", dir=out.parent) as scratch:
+            run.large_images(large, Path(scratch))
+    result = {"format": METRICS_FORMAT,
+              "inputs": {"samples": str(samples) if samples is not None else None,
+                         "large_images": str(large_images) if large_images is not None else None},
+              "settings": settings.to_dict(), "metrics": run.metrics, "skipped": run.skipped}
+    write_text_atomic(out, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return result
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line per metric, for the job log."""
+    lines = []
+    for m in result["metrics"]:
+        n = m["samples"]
+        flag = " [RANDOM weights]" if m["feature_extractor"].get("random_weights") else ""
+        value = "undefined" if m["value"] is None else f"{m['value']:.6g}"
+        lines.append(f"{m['dataset']} {m['name']} = {value} "
+                     f"({n['generated']} generated, {n['real']} real){flag}")
+    lines += [f"skipped {s['name']}: {s['reason']}" for s in result["skipped"]]
+    return "\n".join(lines)
