@@ -1,4 +1,6 @@
-"""Bad slides end with a typed reason in the status table; the rest of the dataset completes."""
+"""Bad and unusual slides: each bad one ends with a typed reason in the status table, the unusual
+formats (JPEG 2000 SVS, DICOM, several scenes, associated images) tile, and the rest of the
+dataset completes. The table of hostile inputs across stages: docs/hostile_inputs.md."""
 
 from __future__ import annotations
 
@@ -7,21 +9,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
+import openslide
 from PIL import Image
 
-from helpers import DEMO_SLIDE, make_spec, read_shards
+from helpers import DEMO_SLIDE, decode, make_spec, read_shards
 from pipeline.config import expand_inputs
 from pipeline.tiling.run import tile_dataset
-
-
-def write_tiled_tiff(path, rgb, mpp=None):
-    """A single-level tiled TIFF (OpenSlide's generic TIFF), with resolution tags if mpp is given."""
-    kwargs = {}
-    if mpp is not None:
-        kwargs = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib", **kwargs)
-    return path
+from slide_files import APERIO_JP2K_YCBCR, write_aperio_jp2k_svs, write_dicom_wsi, write_tiled_tiff
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,13 @@ def he_image(shared_data):
 
 
 @pytest.fixture(scope="module")
-def bad_dataset(tmp_path_factory, he_image):
+def other_he_image(shared_data):
+    with Image.open(shared_data / "he_images" / "henorm_example1.png") as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(tmp_path_factory, he_image, other_he_image):
     folder = tmp_path_factory.mktemp("slides")
     (folder / "good.svs").write_bytes(DEMO_SLIDE.read_bytes())
     (folder / "empty.svs").write_bytes(b"")
@@ -47,8 +47,15 @@ def bad_dataset(tmp_path_factory, he_image):
     write_tiled_tiff(folder / "blank.tif", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5)
     write_tiled_tiff(folder / "tiny.tif", he_image[:200, :200], mpp=0.5)
     (folder / "TCGA-XX-0001-01Z-00-DX1.A1B2 ÿ slide.svs").write_bytes(data)
+    # Formats OpenSlide 4 reads, made from real H&E pixels; label/macro/second scene hold other H&E.
+    write_aperio_jp2k_svs(folder / "aperio_jp2k_rgb.svs", he_image, mpp=0.5, associated=other_he_image)
+    write_aperio_jp2k_svs(folder / "aperio_jp2k_ycbcr.svs", he_image, mpp=0.5, compression=APERIO_JP2K_YCBCR)
+    write_aperio_jp2k_svs(folder / "absurd_aperio_mpp.svs", he_image, mpp=5000)  # present, but 5 mm/px
+    write_tiled_tiff(folder / "two_scenes.tif", he_image, mpp=0.5, second_scene=other_he_image)
     inputs = expand_inputs([str(folder / "*")], folder, "bad")
     inputs["missing"] = str(folder / "missing.svs")
+    # A DICOM series is a folder of files, one per level: the input is one file of it.
+    inputs["dicom_wsi"] = str(write_dicom_wsi(tmp_path_factory.mktemp("dicom"), "dicom_wsi", he_image, mpp=0.5))
     spec = make_spec(name="bad", inputs=inputs)
     out = tmp_path_factory.mktemp("out")
     summary = tile_dataset(spec, out)
@@ -68,6 +75,11 @@ EXPECTED = {
     "tiny": ("error", "too_small"),
     "missing": ("error", "not_found"),
     "TCGA-XX-0001-01Z-00-DX1-A1B2-y-slide": ("done", None),
+    "aperio_jp2k_rgb": ("done", None),
+    "aperio_jp2k_ycbcr": ("done", None),
+    "dicom_wsi": ("done", None),
+    "two_scenes": ("done", None),
+    "absurd_aperio_mpp": ("error", "absurd_mpp"),
 }
 
 
@@ -140,3 +152,36 @@ def test_an_unforeseen_reader_error_is_recorded_not_raised(tmp_path):
     assert (status["status"], status["reason"]) == ("error", "unexpected_error")
     assert "RuntimeError: decoder exploded" in status["message"] and str(DEMO_SLIDE) in status["message"]
     assert pd.read_parquet(tmp_path / "x" / "manifest.parquet").empty
+
+
+# input id -> (vendor OpenSlide reports, largest mean absolute difference from the source pixels)
+SOURCE_PIXELS = {"aperio_jp2k_rgb": ("aperio", 0.0), "aperio_jp2k_ycbcr": ("aperio", 3.0),
+                 "dicom_wsi": ("dicom", 5.0), "two_scenes": ("generic-tiff", 0.0)}
+
+
+@pytest.mark.parametrize("input_id", sorted(SOURCE_PIXELS))
+def test_patches_come_from_the_main_image_only(bad_dataset, he_image, input_id):
+    """JPEG 2000 and DICOM tiles decode to the slide's pixels; label, macro, thumbnail and a second
+    scene (other H&E, which would pass the tissue filter) never become patches."""
+    _, out, table, _ = bad_dataset
+    vendor, tolerance = SOURCE_PIXELS[input_id]
+    row = table.loc[input_id]
+    assert (row.vendor, row.level0_mpp, row.width, row.height) == (vendor, 0.5, 1000, 1000)
+    samples = read_shards(out / "inputs" / input_id)
+    assert 0 < len(samples) <= row.grid_cols * row.grid_rows == 9
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        assert meta["read_size"] == 256 and meta["read_level"] == 0
+        expected = he_image[meta["y"]:meta["y"] + 256, meta["x"]:meta["x"] + 256].astype(float)
+        assert np.abs(decode(sample["png"]).astype(float) - expected).mean() <= tolerance, meta
+
+
+def test_associated_images_exist_and_are_not_tiled(bad_dataset):
+    spec, _, table, _ = bad_dataset
+    for input_id in ("aperio_jp2k_rgb", "good"):  # the demo SVS has a label, a macro and a thumbnail
+        with openslide.OpenSlide(spec.inputs[input_id]) as slide:
+            assert {"label", "macro", "thumbnail"} <= set(slide.associated_images)
+            width, height = slide.dimensions
+        row = table.loc[input_id]
+        assert (row.width, row.height) == (width, height)
+        assert row.patch_count <= (width // row.read_size) * (height // row.read_size)
