@@ -146,6 +146,42 @@ def build_trainer(config: TrainConfig, run_dir: str | Path, callbacks: Sequence[
     return L.Trainer(**settings)
 
 
+class ResumeCheckpointError(ValueError):
+    """A run folder's last.ckpt that training cannot continue from; the message names the file and why."""
+
+
+def read_resume_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
+    """The checkpoint to continue from, checked: readable, written by this stage, same settings."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or not a torch file at all
+        raise ResumeCheckpointError(f"{path}: cannot be read as a training checkpoint ({type(exc).__name__}: "
+                                    f"{exc}); move it away to start the run over") from exc
+    settings = saved.get("hyper_parameters", {}).get("train_config") if isinstance(saved, dict) else None
+    if not isinstance(settings, dict) or not isinstance(saved.get("state_dict"), Mapping):
+        raise ResumeCheckpointError(f"{path}: not a checkpoint of this training stage (no train_config and "
+                                    "state_dict); move it away to start the run over")
+    changed = {k: (settings.get(k), v) for k, v in config.to_dict().items()
+               if k not in RESUMABLE_CHANGES and _norm(settings.get(k)) != _norm(v)}
+    if changed:
+        raise ResumeCheckpointError(f"{path}: the run was started with other settings (saved, now): {changed}; "
+                                    "use a new run folder")
+    return saved
+
+
+def check_weights_fit(state: Mapping[str, torch.Tensor], module: LatentDiffusion, path: Path) -> None:
+    """Name the keys and shapes that differ, before Lightning's load fails without naming the file."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        problems = [f"{label} ({len(items)}): {items[:5]}" for label, items in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if items]
+        raise ResumeCheckpointError(f"{path}: its weights do not fit the model: " + "; ".join(problems))
+
+
 def last_checkpoint(run_dir: str | Path) -> Path | None:
     path = Path(run_dir) / CHECKPOINT_DIR / LAST
     return path if path.is_file() else None
@@ -157,18 +193,13 @@ def train(config: TrainConfig, shard_paths: Sequence[str | Path], run_dir: str |
     """Train (or continue training) until ``config.max_steps``; returns the trainer and the module."""
     run_dir = Path(run_dir)
     resume = last_checkpoint(run_dir)
-    if resume is not None:
-        saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)
-        saved = saved["hyper_parameters"]["train_config"]
-        changed = {k: (saved.get(k), v) for k, v in config.to_dict().items()
-                   if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(v)}
-        if changed:
-            raise ValueError(f"{resume}: the run was started with other settings (saved, now): {changed}; "
-                             "use a new run folder")
+    saved = read_resume_checkpoint(resume, config) if resume is not None else None
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     module = build_module(config, load_init_weights=resume is None)
+    if saved is not None:
+        check_weights_fit(saved["state_dict"], module, resume)
     data = LatentDataModule(shard_paths, config)
     trainer = build_trainer(config, run_dir, callbacks, env, **trainer_overrides)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)
