@@ -97,8 +97,8 @@ def test_killed_run_resumes_without_redoing_finished_shards(tiles, embedded, tmp
     assert finished[0].stat().st_mtime_ns == first_stat.st_mtime_ns  # not recomputed
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     reference, _ = embedded
-    for shard in sorted(reference.glob("*.tar")):
-        assert (out / shard.name).read_bytes() == shard.read_bytes()
+    for name in sorted(p.name for p in reference.glob("*.tar")) + ["manifest.parquet"]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 def test_dataset_index(embedded):
