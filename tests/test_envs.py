@@ -11,8 +11,8 @@ imports; the installed distributions' metadata maps import names to package name
 
 from __future__ import annotations
 
+import argparse
 import ast
-import inspect
 import json
 import re
 import subprocess
@@ -123,30 +123,27 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return found
 
 
-def third_party_imports(entry_modules: set[str], extra_trees: list[ast.AST] = (),
+def third_party_imports(entry_modules: set[str], code: list[tuple[str, ast.AST]] = (),
                         already_read: frozenset[str] = frozenset()) -> dict[str, str]:
-    """Top-level third-party import names reachable from ``entry_modules`` and ``extra_trees`` (code
-    of pipeline.cli) -> a module that imports it. Modules in ``already_read`` are not parsed again."""
+    """Top-level third-party import names reachable from ``entry_modules`` and from ``code`` (pieces
+    of a module, by module name) -> a module that imports it. ``already_read`` modules are given as
+    pieces in ``code`` and not parsed whole."""
     external: dict[str, str] = {}
     seen: set[str] = set(already_read)
-    pending = [(name, None) for name in entry_modules] + [(None, tree) for tree in extra_trees]
+    pending: list[tuple[str, ast.AST | None]] = [(name, None) for name in entry_modules] + list(code)
     while pending:
         name, tree = pending.pop()
-        if name is not None:
-            # importing pipeline.a.b runs pipeline/__init__.py and pipeline/a/__init__.py first
-            parts = name.split(".")
-            pending.extend((".".join(parts[:i]), None) for i in range(1, len(parts)) if ".".join(parts[:i]) not in seen)
-            if name in seen:
+        # importing pipeline.a.b runs pipeline/__init__.py and pipeline/a/__init__.py first
+        parts = name.split(".")
+        pending.extend((".".join(parts[:i]), None) for i in range(1, len(parts)) if ".".join(parts[:i]) not in seen)
+        if tree is None:
+            path = module_file(name)
+            if name in seen or path is None:
                 continue
             seen.add(name)
-            path = module_file(name)
-            if path is None:
-                continue
             tree = ast.parse(path.read_text(), filename=str(path))
-            names = imported_names(tree, name, path.name == "__init__.py")
-        else:
-            names, name = imported_names(tree, "pipeline.cli", False), "pipeline.cli"
-        for imported in names:
+        path = module_file(name)
+        for imported in imported_names(tree, name, path is not None and path.name == "__init__.py"):
             top = imported.split(".")[0]
             if top == "pipeline":
                 if imported not in seen:
@@ -161,20 +158,41 @@ def subcommand_handlers() -> dict:
     from pipeline.cli import build_parser
 
     parser = build_parser()
-    (subparsers,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return {name: sub.get_default("func") for name, sub in subparsers.choices.items()}
 
 
+def module_level(tree: ast.Module) -> ast.Module:
+    """A module without its functions and classes: what importing it runs."""
+    kept = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    return ast.Module(body=kept, type_ignores=[])
+
+
+def function_closure(tree: ast.Module, name: str) -> list[ast.AST]:
+    """Function ``name`` of a module and the module's functions it refers to, transitively."""
+    functions = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    found: dict[str, ast.AST] = {}
+    pending = [name]
+    while pending:
+        current = pending.pop()
+        if current in found or current not in functions:
+            continue
+        found[current] = functions[current]
+        pending.extend(n.id for n in ast.walk(functions[current]) if isinstance(n, ast.Name))
+    return list(found.values())
+
+
 def imports_of_subcommand(subcommand: str) -> dict[str, str]:
-    """Third-party imports of `python -m pipeline <subcommand>`: the CLI module's own imports, the
-    handler's lazy imports, and everything those reach."""
+    """Third-party imports of `python -m pipeline <subcommand>`: what importing pipeline.cli runs, the
+    handler and the helpers it calls (with their lazy imports), and everything those reach; other
+    handlers' lazy imports do not run for this subcommand."""
     handler = subcommand_handlers()[subcommand]
-    handler_tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(handler)))
-    cli_module = ast.parse((REPO / "pipeline" / "cli.py").read_text())
-    # pipeline.cli at module level only: other handlers' lazy imports do not run for this subcommand
-    top_level = ast.Module(body=[n for n in cli_module.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))],
-                           type_ignores=[])
-    return third_party_imports({"pipeline.__main__"}, [top_level, handler_tree], frozenset({"pipeline.cli"}))
+    module = handler.__module__
+    tree = ast.parse(module_file(module).read_text())
+    code = [(module, module_level(tree))] + [(module, f) for f in function_closure(tree, handler.__name__)]
+    if module != "pipeline.cli":
+        code.append(("pipeline.cli", module_level(ast.parse(module_file("pipeline.cli").read_text()))))
+    return third_party_imports({"pipeline.__main__"}, code, frozenset({"pipeline.cli", module}))
 
 
 @cache
