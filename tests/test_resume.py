@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from helpers import run_pipeline, run_pipeline_killed
+from pipeline.cli import training_config
 from pipeline.latents import EncodeSettings, encode_input, random_vq
+from pipeline.training import train
 from test_latents import make_embedding_input, real_patches
 
 AUTOENCODER = {"kind": "random", "preset": "tiny-vq-f16", "allow_random_weights": True}
@@ -23,6 +25,8 @@ ENCODE_SETTINGS = {"batch_size": 4, "num_workers": 0, "device": "cpu", "flips": 
 TRAIN_SETTINGS = {"preset": "small", "latent_size": 16, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 5,
                   "max_steps": 24, "checkpoint_every": 8, "log_every": 1, "num_workers": 0, "ema_decay": 0.99,
                   "seed": 3, "accelerator": "cpu"}
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")  # as the CLI runs: OMP_NUM_THREADS=1
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +42,8 @@ def encode_latents_args(embeddings: Path, out: Path) -> list[str]:
             "--autoencoder", json.dumps(AUTOENCODER), "--settings", json.dumps(ENCODE_SETTINGS)]
 
 
-def test_killed_latents_run_resumes_to_identical_bytes(embedded, tmp_path):
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    run_pipeline(encode_latents_args(embedded, reference))
+def test_killed_latents_run_resumes_to_identical_bytes(embedded, latent_manifest, tmp_path):
+    reference, resumed = latent_manifest.parent, tmp_path / "resumed"  # reference: the same settings, in-process
     run_pipeline_killed("pipeline.latents.encode:encode_shard", 2, encode_latents_args(embedded, resumed))
     assert sorted(p.name for p in resumed.iterdir()) == ["patches-000000.tar", "patches-000001.tar"]  # no manifest
     finished = (resumed / "patches-000000.tar").stat().st_mtime_ns
@@ -74,7 +77,8 @@ def logged_losses(run: Path, version: int) -> dict[int, float]:
 
 def test_killed_training_continues_from_the_last_checkpoint_with_the_same_losses(latent_manifest, tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    run_pipeline(train_args(reference, latent_manifest))
+    # The uninterrupted run in this process: the CLI builds the same TrainConfig from the same settings.
+    train(training_config(TRAIN_SETTINGS, "hipt_vit_s16"), [latent_manifest.parent], reference, enable_progress_bar=False)
     # Killed during step 13: the newest checkpoint is the periodic one of step 8.
     run_pipeline_killed("pipeline.training.module:LatentDiffusion.training_step", 13, train_args(resumed, latent_manifest))
     assert not (resumed / "done.json").exists()
