@@ -23,7 +23,7 @@ from test_latents import make_embedding_input, real_patches
 AUTOENCODER = {"kind": "random", "preset": "tiny-vq-f16", "allow_random_weights": True}
 ENCODE_SETTINGS = {"batch_size": 4, "num_workers": 0, "device": "cpu", "flips": "all"}
 TRAIN_SETTINGS = {"preset": "small", "latent_size": 16, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 5,
-                  "max_steps": 24, "checkpoint_every": 8, "log_every": 1, "num_workers": 0, "ema_decay": 0.99,
+                  "max_steps": 12, "checkpoint_every": 4, "log_every": 1, "num_workers": 0, "ema_decay": 0.99,
                   "seed": 3, "accelerator": "cpu"}
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")  # as the CLI runs: OMP_NUM_THREADS=1
@@ -75,24 +75,42 @@ def logged_losses(run: Path, version: int) -> dict[int, float]:
     return dict(zip(losses["step"].astype(int), losses["train/loss"]))
 
 
-def test_killed_training_continues_from_the_last_checkpoint_with_the_same_losses(latent_manifest, tmp_path):
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    # The uninterrupted run in this process: the CLI builds the same TrainConfig from the same settings.
-    train(training_config(TRAIN_SETTINGS, "hipt_vit_s16"), [latent_manifest.parent], reference, enable_progress_bar=False)
-    # Killed during step 13: the newest checkpoint is the periodic one of step 8.
-    run_pipeline_killed("pipeline.training.module:LatentDiffusion.training_step", 13, train_args(resumed, latent_manifest))
+@pytest.fixture(scope="module")
+def uninterrupted_run(latent_manifest, tmp_path_factory) -> Path:
+    """The reference, in this process: the CLI builds the same TrainConfig from the same settings."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    train(training_config(TRAIN_SETTINGS, "hipt_vit_s16"), [latent_manifest.parent], run, enable_progress_bar=False)
+    return run
+
+
+# Where the run is killed; either way the newest complete checkpoint is that of step 4.
+KILL_POINTS = {
+    "during_step_7": ("pipeline.training.module:LatentDiffusion.training_step", 7),
+    # torch.save calls: step-4 and last at step 4, step-8, then last at step 8, killed before its rename
+    "while_saving_last_ckpt_at_step_8": ("torch:save", 4),
+}
+
+
+@pytest.mark.parametrize("kill_point", sorted(KILL_POINTS))
+def test_killed_training_continues_from_the_last_checkpoint_with_the_same_losses(kill_point, latent_manifest,
+                                                                                uninterrupted_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    run_pipeline_killed(*KILL_POINTS[kill_point], train_args(resumed, latent_manifest))
     assert not (resumed / "done.json").exists()
-    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    if kill_point.startswith("while_saving"):
+        assert list((resumed / "checkpoints").glob(".last.ckpt.tmp-*"))  # killed mid-save indeed
     run_pipeline(train_args(resumed, latent_manifest))
-    assert json.loads((resumed / "done.json").read_text())["max_steps"] == 24
-    expected = logged_losses(reference, 0)
+    assert json.loads((resumed / "done.json").read_text())["max_steps"] == 12
+    assert not list((resumed / "checkpoints").glob(".*"))  # the half-written checkpoint was removed
+    expected = logged_losses(uninterrupted_run, 0)
     killed, continued = logged_losses(resumed, 0), logged_losses(resumed, 1)
-    assert sorted(expected) == list(range(24)) and sorted(continued) == list(range(8, 24))
+    assert sorted(expected) == list(range(12)) and sorted(continued) == list(range(4, 12))
     for losses in (killed, continued):
         steps = sorted(losses)
         np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=0, atol=1e-6)
-    final, uninterrupted = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-                            for run in (resumed, reference))
-    assert final.keys() == uninterrupted.keys()
+    final, reference = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+                        for run in (resumed, uninterrupted_run))
+    assert final.keys() == reference.keys()
     for key, value in final.items():
-        assert torch.allclose(value, uninterrupted[key], rtol=0, atol=1e-6), key
+        assert torch.allclose(value, reference[key], rtol=0, atol=1e-6), key

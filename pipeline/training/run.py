@@ -4,6 +4,7 @@ Run folder::
 
     <run_dir>/checkpoints/step-NNNNNN.ckpt   every `checkpoint_every` steps (kept)
     <run_dir>/checkpoints/last.ckpt          the newest state (also written when training ends)
+    (each written under a temporary name and renamed: a kill never leaves a truncated checkpoint)
     <run_dir>/logs/version_K/metrics.csv     train/loss and train/lr per logged step, one version per (re)start
 
 Calling :func:`train` again with the same run folder continues from ``last.ckpt``: weights,
@@ -30,7 +31,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 
+from pipeline.io.atomic import atomic_file, remove_path
 from pipeline.models.condition import PatchEmbeddingCondition
 from pipeline.models.seed_checkpoint import find_config, load_seed_checkpoint
 from pipeline.models.seed_config import read_seed_config
@@ -112,6 +115,24 @@ class LossHistory(Callback):
         self.losses.append(float(outputs["loss"].detach()))
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written under a temporary name in their own folder, then renamed, so a job killed
+    while saving keeps the previous complete ``last.ckpt``. (Lightning's own writer moves a file
+    from the system temp folder: a copy, not a rename, when that is another file system.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_file(path) as temp:
+            torch.save(checkpoint, temp)
+
+
+def remove_stale_temporaries(checkpoint_dir: Path) -> None:
+    """Half-written checkpoints of a killed run (atomic_file's temporary names)."""
+    for stale in checkpoint_dir.glob(".*.tmp-*"):
+        remove_path(stale)
+
+
 def build_trainer(config: TrainConfig, run_dir: str | Path, callbacks: Sequence[Callback] = (),
                   env: Mapping[str, str] | None = None, **overrides: Any) -> L.Trainer:
     run_dir = Path(run_dir)
@@ -130,7 +151,7 @@ def build_trainer(config: TrainConfig, run_dir: str | Path, callbacks: Sequence[
         "devices": config.devices,
         "num_nodes": config.num_nodes,
         "strategy": "ddp" if multi else "auto",
-        "plugins": cluster_plugins(decision),
+        "plugins": [*cluster_plugins(decision), AtomicCheckpointIO()],
         "precision": resolve_precision(config),
         "callbacks": [checkpoints, *callbacks],
         "logger": CSVLogger(str(run_dir), name="logs"),
@@ -192,6 +213,7 @@ def train(config: TrainConfig, shard_paths: Sequence[str | Path], run_dir: str |
           **trainer_overrides: Any) -> tuple[L.Trainer, LatentDiffusion]:
     """Train (or continue training) until ``config.max_steps``; returns the trainer and the module."""
     run_dir = Path(run_dir)
+    remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
     resume = last_checkpoint(run_dir)
     saved = read_resume_checkpoint(resume, config) if resume is not None else None
     if torch.cuda.is_available():
