@@ -1,6 +1,8 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
-#   snakemake --cores N            every stage that exists
-#   snakemake --cores N tile       one stage (targets: tile, embed, latents, train, sample, large_image)
+#   snakemake --cores N            every stage, report assets included
+#   snakemake --cores N tile       one stage (targets: tile, embed, latents, train, sample, large_image,
+#                                  evaluate, report)
+#   snakemake --report report.html the report: one self-contained HTML file (after the run)
 # Configuration: workflow_config.yaml, validated against pipeline/schemas/workflow_config.schema.yaml.
 from snakemake.utils import min_version
 
@@ -8,6 +10,9 @@ min_version("9.0")
 
 
 configfile: "workflow_config.yaml"
+
+
+report: "report/workflow.rst"
 
 
 include: "rules/common.smk"
@@ -24,6 +29,8 @@ include: "rules/latents.smk"
 include: "rules/train.smk"
 include: "rules/sample.smk"
 include: "rules/large_image.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -34,3 +41,5 @@ rule all:
         rules.train.input,
         rules.sample.input,
         rules.large_image.input,
+        rules.evaluate.input,
+        rules.report.input,

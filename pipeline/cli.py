@@ -164,6 +164,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_assets(args: argparse.Namespace) -> int:
+    from pipeline.reporting.assets import ReportInputError, build_assets
+
+    try:
+        written = build_assets(
+            dataset=args.dataset, tiles=args.tiles, slides_table_out=args.slides_table,
+            thumbnails_out=args.thumbnails, training=args.training, loss_curve_out=args.loss_curve,
+            samples=args.samples, sample_pairs_out=args.sample_pairs, large_images=args.large_images,
+            large_image_sheet_out=args.large_image_sheet, metrics=args.metrics,
+            metrics_table_out=args.metrics_table, embeddings_index=args.embeddings_index, summary_out=args.summary)
+    except ReportInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(written))
+    return 0
+
+
 def _tile(args: argparse.Namespace) -> int:
     from pipeline.tiling.run import tile_dataset
 
@@ -261,6 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-key", help="encoder that made the conditions, where the folders do not record it")
     p.add_argument("--out", required=True, help="the metrics.json file, written atomically")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("report-assets", help="tables, image sheets and charts for the Snakemake report")
+    p.add_argument("--dataset", required=True, help="dataset name, for titles")
+    p.add_argument("--tiles", help="tiling folder OUT/tiles/<dataset> (status.tsv, inputs/*/thumbnail.jpg)")
+    p.add_argument("--training", help="training run folder OUT/training/<dataset> (logs/version_*/metrics.csv)")
+    p.add_argument("--samples", help="patch samples folder OUT/samples/<dataset>")
+    p.add_argument("--large-images", help="large-image folder OUT/large_images/<dataset>")
+    p.add_argument("--metrics", help="OUT/evaluation/<dataset>/metrics.json")
+    p.add_argument("--embeddings-index", help="OUT/embeddings/<dataset>/index.parquet (random-encoder check)")
+    p.add_argument("--slides-table", help="out: HTML table of inputs, patch counts and failures (needs --tiles)")
+    p.add_argument("--thumbnails", help="out: JPEG sheet of the tissue-mask thumbnails (needs --tiles)")
+    p.add_argument("--loss-curve", help="out: SVG of the training loss (needs --training)")
+    p.add_argument("--sample-pairs", help="out: JPEG of real | generated patch pairs (needs --samples)")
+    p.add_argument("--large-image-sheet", help="out: JPEG of reference | generated regions (needs --large-images)")
+    p.add_argument("--metrics-table", help="out: HTML table of the metrics (needs --metrics)")
+    p.add_argument("--summary", help="out: HTML overview of whichever inputs are given")
+    p.set_defaults(func=_report_assets)
 
     p = sub.add_parser("tile", help="tile datasets without Snakemake (sequential)")
     p.add_argument("config")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import subprocess
 import sys
 
@@ -28,10 +30,14 @@ def test_dry_run_lists_the_stages():
     result = run_snakemake("-n", "--cores", "1")
     assert result.returncode == 0, result.stderr
     for rule in ("tile_input", "tile_dataset", "embed_input", "embed_dataset", "latents_input",
-                 "train_dataset", "export_model", "all"):
+                 "train_dataset", "export_model", "sample_dataset", "large_image_dataset", "evaluate_dataset",
+                 "report_tiling", "report_dataset", "all"):
         assert rule in result.stdout
     targeted = run_snakemake("-n", "--cores", "1", "tile")
     assert targeted.returncode == 0 and "tile_dataset" in targeted.stdout
+    for target, rule in (("evaluate", "evaluate_dataset"), ("report", "report_dataset")):
+        targeted = run_snakemake("-n", "--cores", "1", target)
+        assert targeted.returncode == 0 and rule in targeted.stdout, targeted.stderr[-3000:]
 
 
 def test_bad_config_stops_with_the_key_named(tmp_path):
@@ -75,7 +81,8 @@ def test_cli_validate_config_reports_errors(tmp_path):
 
 
 def test_demo_chain_runs_through_sampling(tmp_path):
-    """tile -> embed -> latents -> train -> export -> sample, large_image on the demo config, shortened."""
+    """tile -> embed -> latents -> train -> export -> sample, large_image -> evaluate -> report on the
+    demo config, shortened; then `snakemake --report`."""
     config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
     config["output_dir"] = "out"
     config["datasets"]["demo_he_20x"]["inputs"] = [str(DEMO_SLIDE)]
@@ -85,9 +92,11 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     config["training"].update(max_steps=12, checkpoint_every=6, log_every=3)
     config["sampling"].update(steps=4, device="cpu")
     config["large_image"].update(k=2, regions=2, steps=3, device="cpu")
+    config["evaluation"].update(device="cpu", num_workers=0)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
-                           "--directory", str(tmp_path), "train", "embed", "sample", "large_image")
+                           "--directory", str(tmp_path), "train", "embed", "sample", "large_image", "evaluate",
+                           "report")
     assert result.returncode == 0, result.stderr[-3000:]
     tiles = pd.read_parquet(tmp_path / "out/tiles/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
     embedded = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
@@ -118,3 +127,36 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     for tif in large.generated_tif:
         with openslide.OpenSlide(tmp_path / "out/large_images/demo_he_20x" / tif) as slide:
             assert slide.dimensions == (512, 512) and float(slide.properties["openslide.mpp-x"]) == 0.5
+
+    # evaluation: the demo's random HIPT encoder as feature extractor, so fd_/kd_ names, never fid
+    metrics = json.loads((tmp_path / "out/evaluation/demo_he_20x/metrics.json").read_text())
+    by_name = {m["name"]: m for m in metrics["metrics"]}
+    assert {"fd_hipt_vit_s16", "kd_hipt_vit_s16", "embedding_cosine", "crop_fd_hipt_vit_s16",
+            "crop_embedding_cosine"} <= set(by_name)
+    assert not any(name in ("fid", "kid") or name.startswith(("fid", "crop_fid")) for name in by_name)
+    assert by_name["fd_hipt_vit_s16"]["samples"] == {"generated": len(held_out), "real": len(held_out)}
+    assert by_name["crop_fd_hipt_vit_s16"]["samples"] == {"generated": 8, "real": 8}  # 2 regions of 2x2
+    assert by_name["fd_hipt_vit_s16"]["feature_extractor"]["random_weights"] is True
+    assert metrics["inputs"]["large_images"] == "out/large_images/demo_he_20x"
+
+    # the report: one self-contained HTML file with every section, caption and asset
+    report = tmp_path / "report.html"
+    result = run_snakemake("--configfile", str(tmp_path / "config.yaml"), "--directory", str(tmp_path),
+                           "--report", str(report))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = report.read_text()
+    assert "system-message" not in text  # no reStructuredText error in any caption
+    for expected in ("1. Overview", "2. Inputs and tissue", "3. Training", "4. Patches: real vs generated",
+                     "5. Large images", "6. Metrics",  # categories
+                     "summary.html", "slides.html", "thumbnails.jpg", "loss.svg", "sample_pairs.jpg",
+                     "large_images.jpg", "metrics.html",  # assets
+                     "Demo run: random weights", "Overview of dataset", "Inputs of dataset", "Tissue-mask thumbnails",
+                     "Training loss of the latent diffusion model", "on the right the patch the model generated",
+                     "Large images of", "Evaluation metrics of", "Random weights (demo)"):  # captions
+        assert expected in text, expected
+    assets = {match.group(1): base64.b64decode(match.group(2)) for match in
+              re.finditer(r"filename=([\w.]+);base64,([A-Za-z0-9+/=]+)", text)}
+    assert "fd_hipt_vit_s16" in assets["metrics.html"].decode() and b"RANDOM WEIGHTS" in assets["metrics.html"]
+    assert b"cmu_small_region.svs" in assets["slides.html"] and assets["loss.svg"].startswith(b"<svg")
+    assert all(assets[name][:3] == b"\xff\xd8\xff" for name in ("thumbnails.jpg", "sample_pairs.jpg",
+                                                                  "large_images.jpg"))
