@@ -27,7 +27,7 @@ from pipeline.sampling import (
 )
 from pipeline.sampling.conditions import slerp, window_embeddings
 from pipeline.sampling.decode import blended_bands, gaussian_window_weights
-from pipeline.sampling.fusion import guided_epsilon
+from pipeline.sampling.fusion import WindowFusion, guided_epsilon
 from pipeline.sampling.seams import boundary_gradient_ratio
 from pipeline.sampling.steppers import DiffusersStepper, SeedDDIMStepper
 from pipeline.sampling.windows import WindowLayout, window_offsets
@@ -231,3 +231,42 @@ def test_seam_score_sees_jumps_and_flat_lines_at_boundaries():
     flat = noise * np.minimum(fade[:, None], fade[None, :])  # texture fades near every boundary
     assert boundary_gradient_ratio(flat, boundaries, boundaries) < 0.8
     assert seam_score(flat, boundaries, boundaries) > 1.25
+
+
+class ZeroNoiseUNet(torch.nn.Module):
+    """Predicts zero noise, so every window's x0 is its own crop / sqrt(alpha_bar)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return type("Output", (), {"sample": torch.zeros_like(sample)})()
+
+
+@pytest.mark.parametrize("weights", [None, gaussian_window_weights(16, 0.8)])
+@pytest.mark.parametrize("shift", [(0, 0), (3, 7)])
+def test_fusion_is_a_weighted_mean_that_keeps_agreeing_windows(weights, shift):
+    """Where all windows agree, any positive weighting and any shift returns their common x0."""
+    layout = WindowLayout(48, 64, 16, 8, row_shift=shift[0], column_shift=shift[1])
+    fusion = WindowFusion(ZeroNoiseUNet(), layout, torch.zeros(len(layout), 1, 4), torch.zeros(1, 1, 4),
+                          guidance_scale=1.0, guidance_form="standard", window_batch=5, window_weights=weights)
+    canvas = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fusion.predict_x0(canvas, 500.0, 0.25), canvas / 0.5)
+
+
+def test_shifted_windows_cover_the_canvas_and_move_every_step(seed):
+    from pipeline.sampling.windows import max_shift
+
+    for size, window, stride in ((256, 64, 32), (64, 16, 8), (100, 16, 12)):
+        for shift in range(max_shift(window, stride) + 1):
+            offsets = window_offsets(size, window, stride, shift)
+            gaps = np.diff([0, *[o + window for o in offsets]])
+            assert offsets[0] == 0 and offsets[-1] == size - window and all(
+                b - a <= window for a, b in zip(offsets, offsets[1:]))
+            assert (gaps >= 0).all()
+    with pytest.raises(ValueError, match="shift 40"):
+        window_offsets(256, 64, 32, 40)
+    grid = torch.randn(2, 2, 384, generator=torch.Generator().manual_seed(7))
+    sampler = LargeImageSampler(seed, grid, FAST_MODE.with_(shift_windows=True, seed=3))
+    layouts = sampler.shifted_layouts()
+    shifts = [(layout.row_shift, layout.column_shift) for layout in (next(layouts) for _ in range(6))]
+    again = LargeImageSampler(seed, grid, FAST_MODE.with_(shift_windows=True, seed=3)).shifted_layouts()
+    assert shifts == [(layout.row_shift, layout.column_shift) for layout in (next(again) for _ in range(6))]
+    assert len(set(shifts)) > 1 and all(0 <= s <= 31 for pair in shifts for s in pair)

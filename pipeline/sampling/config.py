@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 SEED_SAMPLER = "seed_ddim"
 DIFFUSERS_SAMPLERS = ("ddim", "dpmsolver++", "unipc")
 GUIDANCE_FORMS = ("seed", "standard")
+FUSION_WEIGHTS = ("uniform", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class LargeImageConfig:
     decode_stride / decode_batch / decode_sigma: Gaussian-blended window decode.
     seed: seeds the one torch.Generator that every Gaussian draw comes from.
     timestep_spacing: diffusers schedulers only.
+    shift_windows: before every step, move the interior window edges by a random offset (from
+        their own generator, seeded by seed), so that no edge stays at one place through the
+        trajectory; the windows at the canvas borders stay. Off in seed mode.
+    fusion_weights: how overlapping windows' x0 are averaged: "uniform" (the seed) or "gaussian"
+        (each window weighted by exp(-d^2 / fusion_sigma^2), d on a [-1, 1] grid, as the decode).
     """
 
     sampler: str = SEED_SAMPLER
@@ -39,6 +45,9 @@ class LargeImageConfig:
     decode_sigma: float = 0.8
     seed: int = 1234
     timestep_spacing: str = "trailing"
+    shift_windows: bool = False
+    fusion_weights: str = "uniform"
+    fusion_sigma: float = 0.8
 
     def __post_init__(self) -> None:
         if self.sampler != SEED_SAMPLER and self.sampler not in DIFFUSERS_SAMPLERS:
@@ -51,8 +60,10 @@ class LargeImageConfig:
         for name in ("stride", "decode_stride"):
             if getattr(self, name) > self.window:
                 raise ValueError(f"{name} {getattr(self, name)} exceeds the window {self.window}: pixels would be skipped")
-        if self.eta < 0 or self.decode_sigma <= 0:
-            raise ValueError("eta must be >= 0 and decode_sigma > 0")
+        if self.fusion_weights not in FUSION_WEIGHTS:
+            raise ValueError(f"fusion_weights {self.fusion_weights!r}: expected one of {FUSION_WEIGHTS}")
+        if self.eta < 0 or self.decode_sigma <= 0 or self.fusion_sigma <= 0:
+            raise ValueError("eta must be >= 0, decode_sigma and fusion_sigma > 0")
 
     def with_(self, **changes: object) -> LargeImageConfig:
         return replace(self, **changes)

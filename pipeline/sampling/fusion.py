@@ -37,20 +37,35 @@ class WindowFusion:
         guidance_scale: float,
         guidance_form: str,
         window_batch: int,
+        window_weights: torch.Tensor | None = None,
     ) -> None:
-        if len(contexts) != len(layout):
-            raise ValueError(f"{len(contexts)} contexts for {len(layout)} windows")
         self.unet = unet
-        self.layout = layout
-        self.origins = layout.origins
-        self.contexts = contexts
+        # None: every window counts alike (the seed). Else (window, window) weights that fade a
+        # window's x0 out towards its edges, so no window's border shows as a step in the mean.
+        self.window_weights = window_weights
         self.unconditional = unconditional
         self.guidance_scale = guidance_scale
         self.guidance_form = guidance_form
         self.window_batch = window_batch
-        self.coverage = layout.coverage()
         self.evaluations = 0  # UNet evaluations of one 64x64 window (conditional and unconditional count apart)
         self.calls = 0
+        self.set_layout(layout, contexts)
+
+    def set_layout(self, layout: WindowLayout, contexts: torch.Tensor) -> None:
+        """Use these windows (and their contexts) from the next prediction on."""
+        if len(contexts) != len(layout):
+            raise ValueError(f"{len(contexts)} contexts for {len(layout)} windows")
+        self.layout = layout
+        self.origins = layout.origins
+        self.contexts = contexts
+        self.coverage = layout.coverage() if self.window_weights is None else self._weight_sum(layout)
+
+    def _weight_sum(self, layout: WindowLayout) -> torch.Tensor:
+        total = torch.zeros(layout.height, layout.width)
+        size = layout.window
+        for r, c in layout.origins:
+            total[r : r + size, c : c + size] += self.window_weights
+        return total
 
     def window_epsilon(self, windows: torch.Tensor, contexts: torch.Tensor, model_timestep: float) -> torch.Tensor:
         """Guided noise predictions for a batch of window crops."""
@@ -84,6 +99,8 @@ class WindowFusion:
             windows = torch.stack([canvas[0, :, r : r + size, c : c + size] for r, c in origins])
             epsilon = self.window_epsilon(windows, self.contexts[start : start + len(origins)], model_timestep)
             x0 = windows / root - epsilon * noise_ratio
+            if self.window_weights is not None:
+                x0 = x0 * self.window_weights.to(x0.device, x0.dtype)
             for (r, c), window_x0 in zip(origins, x0):
                 x0_sum[:, r : r + size, c : c + size] += window_x0
         return (x0_sum / self.coverage.to(canvas.device, canvas.dtype))[None]

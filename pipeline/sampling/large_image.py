@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from pipeline.sampling.conditions import unconditional_context, window_contexts
 from pipeline.sampling.config import LargeImageConfig
-from pipeline.sampling.decode import blended_bands, decode_large_image
-from pipeline.sampling.fusion import WindowFusion
+from pipeline.sampling.decode import blended_bands, decode_large_image, gaussian_window_weights
+from pipeline.sampling.fusion import WindowFusion, needs_unconditional
 from pipeline.sampling.model import DiffusionModel, as_diffusion_model
 from pipeline.sampling.seams import seam_score, window_boundaries
 from pipeline.sampling.steppers import make_stepper
-from pipeline.sampling.windows import WindowLayout
+from pipeline.sampling.windows import WindowLayout, max_shift
+
+SHIFT_STREAM = 0x5D1F7  # the window-shift generator's seed offset: its own stream, apart from the noise
 
 
 @dataclass
 class SamplingStats:
-    windows: int
+    windows: int  # per step (the mean, when windows shift)
     steps: int
     unet_evaluations: int  # one window through the UNet once (conditional and unconditional count apart)
     unet_calls: int
@@ -65,13 +67,33 @@ class LargeImageSampler:
         self.fusion = WindowFusion(
             unet=model.unet,
             layout=self.layout,
-            contexts=window_contexts(condition, self.grid, self.layout.origins, window),
+            contexts=self.contexts(self.layout),
             unconditional=unconditional_context(condition, dim),
             guidance_scale=config.guidance_scale,
             guidance_form=config.guidance_form,
             window_batch=config.window_batch,
+            window_weights=(gaussian_window_weights(window, config.fusion_sigma)
+                            if config.fusion_weights == "gaussian" else None),
         )
         self.device = next(model.unet.parameters()).device
+
+    @property
+    def evaluations_per_window(self) -> int:
+        return 2 if needs_unconditional(self.config.guidance_scale, self.config.guidance_form) else 1
+
+    def contexts(self, layout: WindowLayout) -> torch.Tensor:
+        return window_contexts(self.model.condition, self.grid, layout.origins, self.config.window)
+
+    def shifted_layouts(self) -> Iterator[WindowLayout]:
+        """The window layout of each step: fixed, or shifted at random (config.shift_windows)."""
+        if not self.config.shift_windows:
+            while True:
+                yield self.layout
+        limit = max_shift(self.config.window, self.config.stride)
+        generator = torch.Generator().manual_seed(self.config.seed + SHIFT_STREAM)
+        while True:
+            row_shift, column_shift = torch.randint(0, limit + 1, (2,), generator=generator).tolist()
+            yield replace(self.layout, row_shift=row_shift, column_shift=column_shift)
 
     @property
     def canvas_shape(self) -> tuple[int, int, int, int]:
@@ -84,7 +106,11 @@ class LargeImageSampler:
         generator = torch.Generator().manual_seed(self.config.seed)
         canvas = stepper.initial_canvas(self.canvas_shape, generator).to(self.device)
         yield canvas
+        layouts = self.shifted_layouts()
         for t in stepper.timesteps:
+            layout = next(layouts)
+            if layout is not self.fusion.layout:
+                self.fusion.set_layout(layout, self.contexts(layout))
             x0 = self.fusion.predict_x0(canvas, stepper.model_timestep(t), stepper.alpha_bar(t))
             canvas = stepper.step(t, canvas, x0, generator)
             yield canvas
@@ -97,7 +123,7 @@ class LargeImageSampler:
         for canvas in self.trajectory():
             steps += 1
         stats = SamplingStats(
-            windows=len(self.layout),
+            windows=round((self.fusion.evaluations - evaluations) / max(steps, 1) / self.evaluations_per_window),
             steps=steps,
             unet_evaluations=self.fusion.evaluations - evaluations,
             unet_calls=self.fusion.calls - calls,

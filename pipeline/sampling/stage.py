@@ -215,7 +215,7 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
                           "dataset": dataset, "mode": mode, "sampler": config.sampler, "steps": config.steps,
                           "stride": config.stride, "guidance_scale": config.guidance_scale,
                           "guidance_form": config.guidance_form, "seed": config.seed,
-                          "random_weights": model.random_weights, "settings_sha": digest,
+                          "random_weights": model.random_weights, "settings_sha": digest, "embedding_key": key,
                           "keys": [list(row) for row in region.keys], "config": asdict(config), **files}
                 (temp / "region.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         records.append(record)
@@ -228,6 +228,7 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
     with atomic_file(out_dir / "manifest.parquet") as temp:
         manifest.to_parquet(temp, index=False)
     write_text_atomic(out_dir / "large_images.json", json.dumps(
-        {"dataset": dataset, "regions": len(manifest), "k": k, "mode": mode, "model": str(model_dir)},
+        {"dataset": dataset, "regions": len(manifest), "k": k, "mode": mode, "model": str(model_dir),
+         "embedding_key": key, "mpp": mpp},
         indent=2, sort_keys=True) + "\n")
     return manifest

@@ -7,18 +7,27 @@ from dataclasses import dataclass
 import torch
 
 
-def window_offsets(size: int, window: int, stride: int) -> list[int]:
-    """Origins along one axis: every `stride` from 0, plus a last one flush with the edge if needed.
+def window_offsets(size: int, window: int, stride: int, shift: int = 0) -> list[int]:
+    """Origins along one axis: 0, then every `stride` from `stride + shift`, plus one flush with the edge.
 
-    The seed used range(0, size - window + 1, stride) only; the extra origin changes nothing when
-    the stride divides size - window (as in the seed) and otherwise keeps the edge covered.
+    With shift 0 this is the seed's range(0, size - window + 1, stride), plus the flush origin when
+    the stride does not divide size - window (it keeps the edge covered). A shift moves every
+    interior window edge while the windows at 0 and at the flush origin keep the borders covered;
+    it must leave no gap after the first window (stride + shift <= window).
     """
     if size < window:
         raise ValueError(f"canvas side {size} is smaller than the window {window}")
-    offsets = list(range(0, size - window + 1, stride))
+    if shift and not (0 < shift < stride and stride + shift <= window):
+        raise ValueError(f"shift {shift} must be in [0, stride {stride}) with stride + shift <= window {window}")
+    offsets = [0] + list(range(stride + shift, size - window + 1, stride))
     if offsets[-1] != size - window:
         offsets.append(size - window)
     return offsets
+
+
+def max_shift(window: int, stride: int) -> int:
+    """The largest shift window_offsets accepts for this window and stride."""
+    return max(0, min(stride - 1, window - stride))
 
 
 @dataclass(frozen=True)
@@ -29,14 +38,16 @@ class WindowLayout:
     width: int
     window: int
     stride: int
+    row_shift: int = 0
+    column_shift: int = 0
 
     @property
     def row_offsets(self) -> list[int]:
-        return window_offsets(self.height, self.window, self.stride)
+        return window_offsets(self.height, self.window, self.stride, self.row_shift)
 
     @property
     def column_offsets(self) -> list[int]:
-        return window_offsets(self.width, self.window, self.stride)
+        return window_offsets(self.width, self.window, self.stride, self.column_shift)
 
     @property
     def origins(self) -> list[tuple[int, int]]:
