@@ -306,11 +306,16 @@ def test_env_pins_agree_with_pyproject(env_file):
         assert spec == declared[name], f"{env_file.name}: {name}{spec} but pyproject.toml says {name}{declared[name]}"
 
 
-def test_every_env_file_is_used_and_no_default_profile_turns_conda_on():
+def test_every_env_file_is_used():
     used = {env_file_of(rule) for rule in pipeline_rules()}
     assert set(ENV_FILES) == used, f"unused env files: {sorted(set(ENV_FILES) - used)}"
-    # Snakemake loads profiles/default by itself; with conda absent it must not ask for conda.
-    default = REPO / "profiles" / "default" / "config.yaml"
-    if default.exists():
-        text = default.read_text()
-        assert "use-conda" not in text and "conda" not in text.split("software-deployment-method")[-1]
+
+
+@pytest.mark.parametrize("profile", sorted((REPO / "profiles").glob("*/config.yaml")), ids=lambda p: p.parent.name)
+def test_no_profile_turns_conda_on(profile):
+    """Conda is opt-in (--use-conda): where it is absent, every profile must still run. Snakemake
+    also loads profiles/default by itself, so that one above all must not ask for conda."""
+    settings = yaml.safe_load(profile.read_text()) or {}
+    assert not settings.get("use-conda"), f"{profile} sets use-conda"
+    method = settings.get("software-deployment-method", settings.get("sdm", ""))
+    assert "conda" not in str(method), f"{profile} sets software-deployment-method {method}"
