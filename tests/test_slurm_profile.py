@@ -164,7 +164,7 @@ def test_each_stage_is_submitted_with_its_resources(submitted, rule):
         assert option(args, flag) == value, f"{rule}: {flag} is {option(args, flag)!r}, expected {value!r}: " \
                                             f"{shlex.join(args)}"
     wrapped = option(args, "--wrap")
-    assert f"--target-jobs 'rule_{rule}" in wrapped or f"'{rule}:" in wrapped  # the job runs that rule only
+    assert f"--target-jobs '{rule}:" in wrapped and f"--allowed-rules {rule}" in wrapped  # that rule only
 
 
 def dry_run_resources(*args: str) -> dict[str, list[dict[str, str]]]:
