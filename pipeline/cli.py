@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -309,9 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except Exception as exc:
+        if not is_input_error(exc) or os.environ.get("PIPELINE_TRACEBACK"):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """The package's typed errors and missing files: their messages name the file and the reason,
+    so a traceback would only hide them (set PIPELINE_TRACEBACK=1 to get one anyway)."""
+    return isinstance(exc, (ConfigError, FileNotFoundError)) or type(exc).__module__.startswith("pipeline.")
 
 
 if __name__ == "__main__":

@@ -264,3 +264,14 @@ def test_loading_names_what_is_wrong(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither an exported model"):
         load_diffusion_model(tmp_path / "empty")
+
+
+def test_cli_reports_a_missing_model_without_a_traceback(tmp_path, capsys):
+    from helpers import make_spec
+    from pipeline.cli import main
+
+    code = main(["sample", "--model", str(tmp_path / "models" / "nothing"), "--embeddings", str(tmp_path),
+                 "--spec", make_spec(name="d").to_json(), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "models/nothing: model folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
