@@ -137,7 +137,8 @@ def _large_image(args: argparse.Namespace) -> int:
     spec = DatasetSpec.from_json(args.spec)
     settings = json.loads(args.settings)
     overrides = {name: settings.get(name) for name in
-                 ("sampler", "steps", "stride", "decode_stride", "guidance_scale", "window_batch")}
+                 ("sampler", "steps", "stride", "decode_stride", "guidance_scale", "window_batch",
+                  "shift_windows", "fusion_weights")}
     manifest = generate_large_images(
         args.model, args.embeddings, args.out, dataset=spec.name, kind=spec.kind, mpp=spec.target_mpp,
         holdout_inputs=spec.holdout_inputs, k=settings.get("k", 4), count=settings.get("regions", 4),

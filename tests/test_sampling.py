@@ -215,13 +215,13 @@ def test_large_image_stage_writes_png_and_openslide_tiff(stage_inputs, tmp_path)
     root, image, samples = stage_inputs
     out = tmp_path / "large"
     arguments = dict(dataset="test", kind="wsi", mpp=0.5, holdout_inputs=(), k=3, count=2, mode="fast",
-                     overrides={"steps": 3}, seed=11, device=torch.device("cpu"))
+                     overrides={"steps": 4}, seed=11, device=torch.device("cpu"))
     manifest = generate_large_images(root / "model", root / "embeddings", out, **arguments)
     assert len(manifest) == 1  # one 3x3 block exists
     row = manifest.iloc[0]
     assert (row.col, row.row, row.k, row.width, row.height) == (0, 0, 3, 768, 768)
-    # fast mode on 16-latent windows: stride 8, 5 x 5 windows, 3 steps, conditional + unconditional
-    assert row.windows == 25 and row.unet_evaluations == 25 * 3 * 2
+    # fast mode on 16-latent windows: stride 8, 5 x 5 windows, 4 steps, conditional + unconditional
+    assert row.windows == 25 and row.unet_evaluations == 25 * 4 * 2
     assert np.isfinite(row.seam_score) and row.seam_score >= 1.0
     reference = np.array(Image.open(out / row.reference_png))
     for r in range(3):
@@ -253,7 +253,7 @@ def test_large_image_stage_writes_png_and_openslide_tiff(stage_inputs, tmp_path)
 def test_modes_scale_to_the_model_window():
     assert large_image_config("seed", 64).stride == 16 and large_image_config("fast", 64).stride == 32
     small = large_image_config("fast", 16, {"steps": 5, "sampler": None})
-    assert (small.window, small.stride, small.decode_stride, small.steps) == (16, 8, 8, 5)
+    assert (small.window, small.stride, small.decode_stride, small.steps) == (16, 8, 4, 5)
     with pytest.raises(ValueError, match="mode 'slow'"):
         large_image_config("slow", 64)
 

@@ -91,7 +91,7 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     config["latents"].update(device="cpu", num_workers=0)
     config["training"].update(max_steps=12, checkpoint_every=6, log_every=3)
     config["sampling"].update(steps=4, device="cpu")
-    config["large_image"].update(k=2, regions=2, steps=3, device="cpu")
+    config["large_image"].update(k=2, regions=2, steps=4, device="cpu")
     config["evaluation"].update(device="cpu", num_workers=0)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
