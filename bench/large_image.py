@@ -143,7 +143,7 @@ def main() -> None:
         entry = {
             "size": size, "k": k, "mode": mode, "sampler": config.sampler, "steps": config.steps,
             "stride": config.stride, "decode_stride": config.decode_stride, "window": config.window,
-            "shift_windows": config.shift_windows, "windows_per_step": record["windows"],
+            "shift_windows": config.shift_windows, "fusion_weights": config.fusion_weights, "windows_per_step": record["windows"],
             "unet_evaluations": record["unet_evaluations"], "unet_calls": record["unet_calls"],
             "sampling_seconds": record["sampling_seconds"], "decode_seconds": record["decode_seconds"],
             "total_seconds": round(seconds, 3), "seam_score": round(record["seam_score"], 4),

@@ -72,10 +72,10 @@ class LargeImageConfig:
 # The seed's notebook settings: get_panorama + vis_panorama_window_weighted, unchanged.
 SEED_MODE = LargeImageConfig()
 
-# Same windows, fusion, step and decode code: half as many windows per axis (stride 32) and 20 of
-# the seed's own stochastic DDIM steps instead of 50, so 49 x 20 x 2 = 1,960 UNet evaluations per
-# 1024 px against 16,900 (1/8.6). Measured on the seed fixture (BENCHMARKS.md): deterministic
-# solvers (DPM-Solver++, UniPC) at the same cost flatten texture along window edges (seam score
-# 1.027-1.028), the stochastic step does not (1.005, seed mode 1.012); decoding at stride 32
-# instead of 16 flattens the decode-window edges (1.075), so the decode keeps the seed's stride.
-FAST_MODE = LargeImageConfig(steps=20, stride=32)
+# Same windows, fusion, step and decode code: half as many windows per axis (stride 32), 20 of the
+# seed's own stochastic DDIM steps instead of 50, and each window's x0 faded towards its edges
+# (Gaussian fusion): 49 x 20 x 2 = 1,960 UNet evaluations per 1024 px against 16,900 (1/8.6).
+# Chosen by measurement on the seed fixture (BENCHMARKS.md): seam score 1.039 against seed mode's
+# 1.012; DPM-Solver++ / UniPC at the same cost 1.044 / 1.042, uniform fusion 1.056; decoding at
+# stride 32 flattens the decode-window edges, so the decode keeps the seed's stride 16.
+FAST_MODE = LargeImageConfig(steps=20, stride=32, fusion_weights="gaussian")
