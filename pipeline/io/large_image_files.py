@@ -169,7 +169,7 @@ def write_png(path: str | Path, image: Any, *, compress_level: int = 6) -> None:
             "(Pillow holds the whole image in memory): use write_pyramid_tiff for larger images"
         )
     pixels = Image.fromarray(np.array(image[:height], dtype=np.uint8, copy=True))
-    _release_mapped_pages(image)
+    release_mapped_pages(image)
     with atomic_file(path) as temp:
         pixels.save(temp, format="PNG", compress_level=compress_level)
 
@@ -188,7 +188,7 @@ def _array_bands(image: Any, rows: int) -> Generator[np.ndarray, None, None]:
     """Copies of ``rows``-row bands of ``image``, top to bottom."""
     for y in range(0, image.shape[0], rows):
         band = np.array(image[y : y + rows], dtype=np.uint8, copy=True)
-        _release_mapped_pages(image)
+        release_mapped_pages(image)
         yield band
 
 
@@ -225,7 +225,21 @@ def _tiles(
             f.close()
 
 
-def _release_mapped_pages(image: Any) -> None:
+class StreamedRows:
+    """Row slices of a memmap image as copies, dropping the mapped pages after each read, so that
+    a pass over an image larger than memory (e.g. a seam score) keeps none of it resident."""
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
+        self.shape = image.shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        block = np.array(self.image[rows])
+        release_mapped_pages(self.image)
+        return block
+
+
+def release_mapped_pages(image: Any) -> None:
     """Drop this process's mapping of an np.memmap source's pages (they stay in the page cache).
 
     Only for shared mappings (modes r, r+, w+): their data lives in the file, so a later access

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from pipeline.io.atomic import atomic_dir, atomic_file, remove_path, write_text_atomic
-from pipeline.io.large_image_files import write_png, write_pyramid_tiff
+from pipeline.io.large_image_files import StreamedRows, release_mapped_pages, write_png, write_pyramid_tiff
 from pipeline.sampling.config import FAST_MODE, SEED_MODE, LargeImageConfig
 from pipeline.sampling.large_image import LargeImageSampler, decoded_bands, large_image_seam_score
 from pipeline.sampling.model import DiffusionModel, load_diffusion_model
@@ -154,7 +154,8 @@ def generate_region(model: DiffusionModel, grid: np.ndarray, reference: np.ndarr
     decode_started = time.perf_counter()
     for top, rows in decoded_bands(model, latent, config):
         image[top : top + len(rows)] = rows
-    image.flush()
+        image.flush()
+        release_mapped_pages(image)  # written rows live on in the file, not in this process
     decode_seconds = time.perf_counter() - decode_started
     files = {}
     if max(height, width) <= png_max_side:
@@ -163,7 +164,7 @@ def generate_region(model: DiffusionModel, grid: np.ndarray, reference: np.ndarr
     if tiff or "generated_png" not in files:
         write_pyramid_tiff(folder / "generated.tif", image, pixel_um, description="rldiff generated image")
         files["generated_tif"] = "generated.tif"
-    seam = large_image_seam_score(image, tuple(latent.shape), config, factor)
+    seam = large_image_seam_score(StreamedRows(image), tuple(latent.shape), config, factor)
     del image
     remove_path(canvas_path)
     if max(reference.shape[:2]) <= png_max_side:
