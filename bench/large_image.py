@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler, VQModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.latents.autoencoder import Autoencoder, random_vq  # noqa: E402
 from pipeline.models.presets import SEED_FULL_SIZE, vq_kwargs  # noqa: E402
-from pipeline.models.condition import PatchEmbeddingCondition  # noqa: E402
 from pipeline.sampling.model import DiffusionModel, load_diffusion_model  # noqa: E402
 from pipeline.sampling.stage import generate_region, large_image_config  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
@@ -57,16 +57,11 @@ def random_model(preset: str, embedding_dim: int) -> DiffusionModel:
         autoencoder = random_vq("tiny-vq-f16", seed=0, allow_random_weights=True)
     else:
         config = TrainConfig(preset="seed", latent_size=64, patch_embed_dim=embedding_dim)
-        from diffusers import VQModel
-
         vq = VQModel(**vq_kwargs(SEED_FULL_SIZE.vq, 1.0))
         autoencoder = Autoencoder(vq, "vq", "random:vq-f4", random_weights=True)
     module = LatentDiffusion(config)
     unet, condition = module.export_models(False)
-    assert isinstance(condition, PatchEmbeddingCondition)
     scheduler = config.scheduler_config()
-    from diffusers import DDPMScheduler
-
     betas = DDPMScheduler.from_config(scheduler).betas.double().numpy()
     return DiffusionModel(unet.eval(), condition.eval(), autoencoder, betas, scheduler, f"random:{preset}")
 

@@ -270,3 +270,8 @@ def test_shifted_windows_cover_the_canvas_and_move_every_step(seed):
     again = LargeImageSampler(seed, grid, FAST_MODE.with_(shift_windows=True, seed=3)).shifted_layouts()
     assert shifts == [(layout.row_shift, layout.column_shift) for layout in (next(again) for _ in range(6))]
     assert len(set(shifts)) > 1 and all(0 <= s <= 31 for pair in shifts for s in pair)
+
+
+def test_seam_score_of_one_window_is_one():
+    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    assert large_image_seam_score(image, (1, 3, 64, 64), SEED_MODE, factor=4) == 1.0

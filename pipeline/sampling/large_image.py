@@ -174,6 +174,7 @@ def large_image_seam_score(
     decoding windows, of the sampling windows only, and of the decoding windows only.
 
     Scored apart, a jump at one class of edges and flattened texture at another cannot cancel.
+    An image of a single window has no edges and scores 1.0.
     (With shift_windows the sampling edges move every step; the unshifted ones are scored.)
     """
     height, width = latent_shape[-2:]
@@ -185,4 +186,4 @@ def large_image_seam_score(
 
     scores = [seam_score(image, sorted(rows), sorted(columns))
               for rows, columns in zip(classes(height), classes(width)) if rows or columns]
-    return max(scores)
+    return max(scores, default=1.0)  # one window: no edges, nothing to see

@@ -49,11 +49,6 @@ def embedding_key_of(model: DiffusionModel, fallback: str | None) -> str:
     return key
 
 
-def _to_png(path: Path, image: np.ndarray) -> None:
-    with atomic_file(path) as temp:
-        Image.fromarray(image).save(temp, format="PNG")
-
-
 def pair_grid(reals: list[np.ndarray], generated: list[np.ndarray], pairs_per_row: int = 4) -> np.ndarray:
     """Real | generated pairs side by side, `pairs_per_row` pairs per row, white gaps between pairs."""
     side = reals[0].shape[0]
