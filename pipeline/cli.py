@@ -199,6 +199,16 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generation_arguments(p: argparse.ArgumentParser, table: str, out_help: str) -> None:
+    """What both generating commands take: the model, the dataset's embeddings and spec, settings."""
+    p.add_argument("--model", required=True, help="an exported model folder (or a seed release folder)")
+    p.add_argument("--embeddings", required=True, help="the dataset's embedding folder (index.parquet, inputs/)")
+    p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json)")
+    p.add_argument("--settings", default="{}", help=f"JSON of the config's `{table}:` table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help=out_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,21 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export_model)
 
     p = sub.add_parser("sample", help="generate one patch per held-out real patch from its embedding")
-    p.add_argument("--model", required=True, help="an exported model folder (or a seed release folder)")
-    p.add_argument("--embeddings", required=True, help="the dataset's embedding folder (index.parquet, inputs/)")
-    p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json)")
-    p.add_argument("--settings", default="{}", help="JSON of the config's `sampling:` table")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder, written atomically")
+    _add_generation_arguments(p, "sampling", "output folder, written atomically")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("large-image", help="generate large images from k x k regions of real embeddings")
-    p.add_argument("--model", required=True, help="an exported model folder (or a seed release folder)")
-    p.add_argument("--embeddings", required=True, help="the dataset's embedding folder (index.parquet, inputs/)")
-    p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json)")
-    p.add_argument("--settings", default="{}", help="JSON of the config's `large_image:` table")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder: region-NNN/ (each atomic), then manifest.parquet")
+    _add_generation_arguments(p, "large_image", "output folder: region-NNN/ (each atomic), then manifest.parquet")
     p.set_defaults(func=_large_image)
 
     p = sub.add_parser("evaluate", help="FID/KID and embedding similarity of generated patches and large images")

@@ -713,31 +713,20 @@ def build_assets(*, dataset: str, tiles: str | None = None, slides_table_out: st
                  summary_out: str | None = None) -> list[str]:
     """Write each asset whose output path is given, from the stage output it needs; returns what was
     written. An asset asked for without its input is an error (nothing is written then)."""
-    needs = [(slides_table_out, tiles, "--tiles"), (thumbnails_out, tiles, "--tiles"),
-             (loss_curve_out, training, "--training"), (sample_pairs_out, samples, "--samples"),
-             (large_image_sheet_out, large_images, "--large-images"), (metrics_table_out, metrics, "--metrics")]
-    for out, source, flag in needs:
+    # (output, builder, its input, the flag that gives the input)
+    assets = [(slides_table_out, slides_table, tiles, "--tiles"), (thumbnails_out, thumbnail_sheet, tiles, "--tiles"),
+              (loss_curve_out, loss_curve, training, "--training"),
+              (sample_pairs_out, sample_pairs, samples, "--samples"),
+              (large_image_sheet_out, large_image_sheet, large_images, "--large-images"),
+              (metrics_table_out, metrics_table, metrics, "--metrics")]
+    for out, _, source, flag in assets:
         if out and not source:
             raise ReportInputError(f"{out}: needs {flag}")
     written = []
-    if slides_table_out:
-        slides_table(tiles, slides_table_out, dataset)
-        written.append(slides_table_out)
-    if thumbnails_out:
-        thumbnail_sheet(tiles, thumbnails_out, dataset)
-        written.append(thumbnails_out)
-    if loss_curve_out:
-        loss_curve(training, loss_curve_out, dataset)
-        written.append(loss_curve_out)
-    if sample_pairs_out:
-        sample_pairs(samples, sample_pairs_out, dataset)
-        written.append(sample_pairs_out)
-    if large_image_sheet_out:
-        large_image_sheet(large_images, large_image_sheet_out, dataset)
-        written.append(large_image_sheet_out)
-    if metrics_table_out:
-        metrics_table(metrics, metrics_table_out, dataset)
-        written.append(metrics_table_out)
+    for out, build, source, _ in assets:
+        if out:
+            build(source, out, dataset)
+            written.append(out)
     if summary_out:
         summary_page(summary_out, dataset, tiles=tiles, embeddings_index=embeddings_index, training=training,
                      samples=samples, large_images=large_images, metrics=metrics)
