@@ -83,7 +83,7 @@ def test_manifest_thumbnail_and_status(demo_20x):
     saved = json.loads((out / "status.json").read_text())
     assert saved["status"] == "done" and saved["patch_count"] == len(manifest)
     with Image.open(out / "thumbnail.jpg") as thumb:
-        assert max(thumb.size) == 1024  # QC thumbnail at a readable size
+        assert 512 < max(thumb.size) <= 1024  # QC thumbnail at a readable size (a whole-block mean of the level)
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
 
 

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from pipeline.config import DatasetSpec
 from pipeline.tiling.failures import Reason, TilingError, check_readable_file
 from pipeline.tiling.outputs import Patch
+from pipeline.tiling.tiff_tiles import TiffLevelReader, TileDecodeError
 from pipeline.tiling.tissue import box_fractions, is_background_patch, tissue_mask
 
 # Plausible level-0 resolutions: 0.05 um/px is beyond any light microscope, 100 um/px is a
@@ -123,6 +124,15 @@ def read_patch(slide: openslide.OpenSlide, x: int, y: int, read_size: int, level
     return np.asarray(resize_area(rgba_to_rgb_on_white(region), patch_size))
 
 
+def integral_level_origin(x: int, y: int, downsample: float) -> tuple[int, int] | None:
+    """(x, y) level-0 in level pixels when they fall on whole pixels; else None (OpenSlide then
+    paints the region at a sub-pixel offset that only its own reader reproduces)."""
+    lx, ly = x / downsample, y / downsample
+    if abs(lx - round(lx)) > 1e-6 or abs(ly - round(ly)) > 1e-6:
+        return None
+    return round(lx), round(ly)
+
+
 class SlideSource:
     """A slide opened for tiling: plans the tissue grid at construction."""
 
@@ -134,11 +144,31 @@ class SlideSource:
             self.slide = openslide.OpenSlide(path)
         except (openslide.OpenSlideError, OSError) as exc:
             raise TilingError(path, Reason.OPEN_FAILED, f"OpenSlide cannot open it: {exc}") from exc
+        self.tiles: TiffLevelReader | None = None
+        self.level_image: np.ndarray | None = None
         try:
+            self.tiles = TiffLevelReader.open(path, self.slide)
             self._plan()
         except BaseException:
-            self.slide.close()
+            self.close()
             raise
+
+    def _read_level(self, level: int) -> np.ndarray:
+        """A whole level as (height, width, 3) uint8."""
+        if self.tiles is not None and self.tiles.serves(level):
+            width, height = self.slide.level_dimensions[level]
+            return self.tiles.region(level, 0, 0, width, height)
+        return np.asarray(read_level(self.slide, level))
+
+    def _read_patch(self, x: int, y: int) -> np.ndarray:
+        level, patch_size = self.level, self.spec.patch_size
+        if self.tiles is not None and self.tiles.serves(level):
+            origin = integral_level_origin(x, y, self.slide.level_downsamples[level])
+            if origin is not None:
+                level_size = max(1, round(self.read_size / self.slide.level_downsamples[level]))
+                region = self.tiles.region(level, origin[0], origin[1], level_size, level_size)
+                return np.asarray(resize_area(Image.fromarray(region), patch_size))
+        return read_patch(self.slide, x, y, self.read_size, level, patch_size)
 
     def _plan(self) -> None:
         slide, spec, path = self.slide, self.spec, self.path
@@ -157,24 +187,37 @@ class SlideSource:
             raise TilingError(path, Reason.TOO_SMALL,
                               f"{width}x{height} px is smaller than one {self.read_size}px patch")
         downsample = max(1.0, self.read_size / THUMBNAIL_PIXELS_PER_PATCH, max(width, height) / THUMBNAIL_MAX_SIDE)
-        mask_size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
         qc_scale = max(1.0, max(width, height) / QC_MAX_SIDE)
-        qc_size = (max(1, round(width / qc_scale)), max(1, round(height / qc_scale)))
         # One read serves the mask and the QC image (and, below, the patches).
         overview_level = slide.get_best_level_for_downsample(min(downsample, qc_scale))
         try:
-            overview = read_level(slide, overview_level)
-        except openslide.OpenSlideError as exc:
+            overview = self._read_level(overview_level)
+        except (openslide.OpenSlideError, TileDecodeError) as exc:
             raise TilingError(path, Reason.READ_FAILED, f"cannot read pixels for the thumbnail: {exc}") from exc
-        self.qc_base = overview.resize(qc_size, Image.Resampling.BOX)
-        self.thumbnail = np.asarray(overview.resize(mask_size, Image.Resampling.BOX))
+        level_scale = width / overview.shape[1], height / overview.shape[0]
+        mask_factor = max(1, int(downsample / level_scale[0]))  # rounded down: at least the wanted detail
+        qc_factor = max(1, math.ceil(qc_scale / level_scale[0]))  # rounded up: at most QC_MAX_SIDE
+        # Both are box means over whole blocks (PIL's reduce): the same area average as a resize,
+        # at a fraction of a fractional resize's cost; the coarser one is reduced from the finer.
+        level_view = Image.frombuffer("RGB", (overview.shape[1], overview.shape[0]), np.ascontiguousarray(overview),
+                                      "raw", "RGB", 0, 1)
+        if mask_factor <= qc_factor:
+            thumbnail = level_view.reduce(mask_factor) if mask_factor > 1 else level_view
+            qc_factor = mask_factor * math.ceil(qc_factor / mask_factor)
+            self.qc_base = thumbnail.reduce(qc_factor // mask_factor) if qc_factor > mask_factor else thumbnail.copy()
+        else:
+            self.qc_base = level_view.reduce(qc_factor) if qc_factor > 1 else level_view.copy()
+            mask_factor = qc_factor * max(1, mask_factor // qc_factor)
+            thumbnail = self.qc_base.reduce(mask_factor // qc_factor) if mask_factor > qc_factor else self.qc_base
+        self.thumbnail = np.asarray(thumbnail)
+        # Level-0 pixels per mask pixel (the last mask pixel of a row or column may cover fewer).
+        self.mask_scale = level_scale[0] * mask_factor, level_scale[1] * mask_factor
         # A small single-level slide is read whole for the thumbnail anyway: cut the patches
         # from that image instead of decoding every tile a second time.
-        self.level_image = np.asarray(overview) if overview_level == self.level == 0 else None
-        del overview
+        self.level_image = overview if overview_level == self.level == 0 else None
+        del overview, level_view, thumbnail
+        self.info["pixel_reader"] = "tifffile" if self.tiles is not None and self.tiles.serves(self.level) else "openslide"
         self.mask = tissue_mask(self.thumbnail)
-        # Actual scale of the thumbnail (rounding makes it differ slightly from `downsample`).
-        self.mask_scale = width / self.mask.shape[1], height / self.mask.shape[0]
         rows, cols = np.mgrid[0:self.rows, 0:self.cols]
         fractions = box_fractions(self.mask, cols.ravel() * self.read_size / self.mask_scale[0],
                                   rows.ravel() * self.read_size / self.mask_scale[1],
@@ -193,8 +236,8 @@ class SlideSource:
                     crop = self.level_image[y:y + self.read_size, x:x + self.read_size]
                     rgb = np.asarray(resize_area(Image.fromarray(crop), self.spec.patch_size))
                 else:
-                    rgb = read_patch(self.slide, x, y, self.read_size, self.level, self.spec.patch_size)
-            except openslide.OpenSlideError as exc:
+                    rgb = self._read_patch(x, y)
+            except (openslide.OpenSlideError, TileDecodeError) as exc:
                 raise TilingError(self.path, Reason.READ_FAILED,
                                   f"reading the patch at level-0 ({x}, {y}) failed: {exc}") from exc
             if is_background_patch(rgb):
@@ -222,6 +265,8 @@ class SlideSource:
 
     def close(self) -> None:
         self.level_image = None
+        if self.tiles is not None:
+            self.tiles.close()
         self.slide.close()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage import color, filters, morphology
+from skimage import filters, morphology
 
 MIN_SATURATION = 0.07  # Otsu on blank glass splits noise; this floor keeps it empty
 MIN_VALUE = 0.08  # near-black (out-of-focus edge, slide holder) is not tissue
@@ -25,9 +25,8 @@ MAX_BACKGROUND_FRACTION = 0.9
 
 def tissue_mask(thumbnail_rgb: np.ndarray) -> np.ndarray:
     """Boolean tissue mask of an HxWx3 uint8 thumbnail."""
-    hsv = color.rgb2hsv(thumbnail_rgb)
-    saturation = ndimage.median_filter(hsv[..., 1], size=MEDIAN_SIZE)
-    value = hsv[..., 2]
+    saturation, value = saturation_and_value(thumbnail_rgb)
+    saturation = ndimage.median_filter(saturation, size=MEDIAN_SIZE)
     if np.ptp(saturation) > 0:
         threshold = max(float(filters.threshold_otsu(saturation)), MIN_SATURATION)
     else:
@@ -38,6 +37,15 @@ def tissue_mask(thumbnail_rgb: np.ndarray) -> np.ndarray:
     # Fill only small holes (nuclei-sized gaps); large holes are glass inside the tissue.
     mask = morphology.remove_small_objects(mask, max_size=speck)
     return morphology.remove_small_holes(mask, max_size=speck)
+
+
+def saturation_and_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value in [0, 1] of uint8 RGB (skimage's rgb2hsv without the hue it
+    would spend most of its time on)."""
+    high = rgb.max(axis=2).astype(np.float64)
+    low = rgb.min(axis=2).astype(np.float64)
+    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
+    return saturation, high / 255.0
 
 
 def box_fractions(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, size: float) -> np.ndarray:
