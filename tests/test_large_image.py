@@ -27,7 +27,7 @@ from pipeline.sampling import (
 )
 from pipeline.sampling.conditions import slerp, window_embeddings
 from pipeline.sampling.decode import blended_bands, gaussian_window_weights
-from pipeline.sampling.fusion import WindowFusion, guided_epsilon
+from pipeline.sampling.fusion import WindowFusion, guided_epsilon, hann_window_weights
 from pipeline.sampling.seams import boundary_gradient_ratio
 from pipeline.sampling.steppers import DiffusersStepper, SeedDDIMStepper
 from pipeline.sampling.windows import WindowLayout, window_offsets
@@ -240,7 +240,7 @@ class ZeroNoiseUNet(torch.nn.Module):
         return type("Output", (), {"sample": torch.zeros_like(sample)})()
 
 
-@pytest.mark.parametrize("weights", [None, gaussian_window_weights(16, 0.8)])
+@pytest.mark.parametrize("weights", [None, gaussian_window_weights(16, 0.8), hann_window_weights(16)])
 @pytest.mark.parametrize("shift", [(0, 0), (3, 7)])
 def test_fusion_is_a_weighted_mean_that_keeps_agreeing_windows(weights, shift):
     """Where all windows agree, any positive weighting and any shift returns their common x0."""
@@ -249,6 +249,17 @@ def test_fusion_is_a_weighted_mean_that_keeps_agreeing_windows(weights, shift):
                           guidance_scale=1.0, guidance_form="standard", window_batch=5, window_weights=weights)
     canvas = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(fusion.predict_x0(canvas, 500.0, 0.25), canvas / 0.5)
+
+
+def test_hann_weights_cross_fade_to_one_at_half_window_stride():
+    """sin^2 tapers: ~0 at a window's edges, and at stride = window / 2 the interior sums to 1."""
+    weights = hann_window_weights(64)
+    assert weights[0, 0] < 1e-6 and weights[31:33, 31:33].min() > 0.99
+    layout = WindowLayout(256, 256, 64, 32)
+    total = torch.zeros(256, 256)
+    for r, c in layout.origins:
+        total[r:r + 64, c:c + 64] += weights
+    torch.testing.assert_close(total[32:-32, 32:-32], torch.ones(192, 192))
 
 
 def test_shifted_windows_cover_the_canvas_and_move_every_step(seed):

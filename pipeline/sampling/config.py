@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 SEED_SAMPLER = "seed_ddim"
 DIFFUSERS_SAMPLERS = ("ddim", "dpmsolver++", "unipc")
 GUIDANCE_FORMS = ("seed", "standard")
-FUSION_WEIGHTS = ("uniform", "gaussian")
+FUSION_WEIGHTS = ("uniform", "gaussian", "hann")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class LargeImageConfig:
     shift_windows: before every step, move the interior window edges by a random offset (from
         their own generator, seeded by seed), so that no edge stays at one place through the
         trajectory; the windows at the canvas borders stay. Off in seed mode.
-    fusion_weights: how overlapping windows' x0 are averaged: "uniform" (the seed) or "gaussian"
-        (each window weighted by exp(-d^2 / fusion_sigma^2), d on a [-1, 1] grid, as the decode).
+    fusion_weights: how overlapping windows' x0 are averaged: "uniform" (the seed), "gaussian"
+        (each window weighted by exp(-d^2 / fusion_sigma^2), d on a [-1, 1] grid, as the decode)
+        or "hann" (sin^2 tapers that reach ~0 at the window's edges; at stride = window / 2 they sum
+        to 1, so every pixel is a smooth cross-fade and no window edge can show as a step).
     """
 
     sampler: str = SEED_SAMPLER

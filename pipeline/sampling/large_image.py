@@ -11,8 +11,8 @@ import torch
 
 from pipeline.sampling.conditions import unconditional_context, window_contexts
 from pipeline.sampling.config import LargeImageConfig
-from pipeline.sampling.decode import blended_bands, decode_large_image, gaussian_window_weights
-from pipeline.sampling.fusion import WindowFusion, needs_unconditional
+from pipeline.sampling.decode import blended_bands, decode_large_image
+from pipeline.sampling.fusion import WindowFusion, fusion_window_weights, needs_unconditional
 from pipeline.sampling.model import DiffusionModel, as_diffusion_model
 from pipeline.sampling.seams import seam_score, window_boundaries
 from pipeline.sampling.steppers import make_stepper
@@ -72,8 +72,7 @@ class LargeImageSampler:
             guidance_scale=config.guidance_scale,
             guidance_form=config.guidance_form,
             window_batch=config.window_batch,
-            window_weights=(gaussian_window_weights(window, config.fusion_sigma)
-                            if config.fusion_weights == "gaussian" else None),
+            window_weights=fusion_window_weights(config.fusion_weights, window, config.fusion_sigma),
         )
         self.device = next(model.unet.parameters()).device
 
