@@ -138,7 +138,7 @@ def _large_image(args: argparse.Namespace) -> int:
     settings = json.loads(args.settings)
     overrides = {name: settings.get(name) for name in
                  ("sampler", "steps", "stride", "decode_stride", "guidance_scale", "window_batch",
-                  "shift_windows", "fusion_weights")}
+                  "shift_windows", "fusion_weights", "decode_weights")}
     manifest = generate_large_images(
         args.model, args.embeddings, args.out, dataset=spec.name, kind=spec.kind, mpp=spec.target_mpp,
         holdout_inputs=spec.holdout_inputs, k=settings.get("k", 4), count=settings.get("regions", 4),

@@ -26,8 +26,9 @@ from pipeline.sampling import (
     window_boundaries,
 )
 from pipeline.sampling.conditions import slerp, window_embeddings
-from pipeline.sampling.decode import blended_bands, gaussian_window_weights
-from pipeline.sampling.fusion import WindowFusion, guided_epsilon, hann_window_weights
+from pipeline.sampling.decode import blended_bands
+from pipeline.sampling.fusion import WindowFusion, guided_epsilon
+from pipeline.sampling.weights import gaussian_window_weights, hann_window_weights, window_weights
 from pipeline.sampling.seams import boundary_gradient_ratio
 from pipeline.sampling.steppers import DiffusersStepper, SeedDDIMStepper
 from pipeline.sampling.windows import WindowLayout, window_offsets
@@ -163,19 +164,20 @@ def test_gaussian_weights_are_the_seed_kernel():
     assert weights.max() == 1 and weights[0, 0] == pytest.approx(corner, rel=1e-5)
 
 
-def test_streamed_bands_equal_a_whole_canvas_blend():
+@pytest.mark.parametrize("kind", ["gaussian", "hann"])
+def test_streamed_bands_equal_a_whole_canvas_blend(kind):
     """With a stand-in decoder (nearest upsampling), the bands equal a direct weighted average."""
     latent = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(4)) * 2 - 1
 
     def upsample(z: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.interpolate(z, scale_factor=2, mode="nearest") * 0.9
 
-    bands = list(blended_bands(upsample, latent, factor=2, window=32, stride=16, batch=3, sigma=0.8))
+    weights = window_weights(kind, 64, 0.8)
+    bands = list(blended_bands(upsample, latent, factor=2, window=32, stride=16, batch=3, weights=weights))
     tops = [top for top, _ in bands]
     assert tops == [0, 32, 64, 96, 128] and sum(len(rows) for _, rows in bands) == 192
     image = np.concatenate([rows for _, rows in bands])
 
-    weights = gaussian_window_weights(64, 0.8)
     total, weight_sum = torch.zeros(3, 192, 256), torch.zeros(1, 192, 256)
     for row, column in WindowLayout(96, 128, 32, 16).origins:
         tile = upsample(latent[:, :, row : row + 32, column : column + 32])[0]

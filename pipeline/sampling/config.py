@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from pipeline.sampling.weights import WINDOW_WEIGHTS
+
 SEED_SAMPLER = "seed_ddim"
 DIFFUSERS_SAMPLERS = ("ddim", "dpmsolver++", "unipc")
 GUIDANCE_FORMS = ("seed", "standard")
-FUSION_WEIGHTS = ("uniform", "gaussian", "hann")
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,10 @@ class LargeImageConfig:
         The two agree when standard g = seed g + 1.
     eta: noise multiplier of the step (seed_ddim: scales its beta~; ddim: diffusers' eta).
     window_batch: windows per UNet call; with guidance the call holds twice as many samples.
-    decode_stride / decode_batch / decode_sigma: Gaussian-blended window decode.
+    decode_stride / decode_batch: windows of the blended decode (stride in latent pixels).
+    decode_weights: how overlapping decoded windows are blended: "gaussian" (the seed; its
+        decode_sigma), "hann" (sin^2 tapers that give a window's border pixels, where a decoder
+        sees zero padding instead of context, almost no weight) or "uniform".
     seed: seeds the one torch.Generator that every Gaussian draw comes from.
     timestep_spacing: diffusers schedulers only.
     shift_windows: before every step, move the interior window edges by a random offset (from
@@ -45,6 +49,7 @@ class LargeImageConfig:
     decode_stride: int = 16
     decode_batch: int = 4
     decode_sigma: float = 0.8
+    decode_weights: str = "gaussian"
     seed: int = 1234
     timestep_spacing: str = "trailing"
     shift_windows: bool = False
@@ -62,8 +67,9 @@ class LargeImageConfig:
         for name in ("stride", "decode_stride"):
             if getattr(self, name) > self.window:
                 raise ValueError(f"{name} {getattr(self, name)} exceeds the window {self.window}: pixels would be skipped")
-        if self.fusion_weights not in FUSION_WEIGHTS:
-            raise ValueError(f"fusion_weights {self.fusion_weights!r}: expected one of {FUSION_WEIGHTS}")
+        for name in ("fusion_weights", "decode_weights"):
+            if getattr(self, name) not in WINDOW_WEIGHTS:
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {WINDOW_WEIGHTS}")
         if self.eta < 0 or self.decode_sigma <= 0 or self.fusion_sigma <= 0:
             raise ValueError("eta must be >= 0, decode_sigma and fusion_sigma > 0")
 
@@ -75,9 +81,11 @@ class LargeImageConfig:
 SEED_MODE = LargeImageConfig()
 
 # Same windows, fusion, step and decode code: half as many windows per axis (stride 32), 20 of the
-# seed's own stochastic DDIM steps instead of 50, and each window's x0 faded towards its edges
-# (Gaussian fusion): 49 x 20 x 2 = 1,960 UNet evaluations per 1024 px against 16,900 (1/8.6).
-# Chosen by measurement on the seed fixture (BENCHMARKS.md): seam score 1.039 against seed mode's
-# 1.012; DPM-Solver++ / UniPC at the same cost 1.044 / 1.042, uniform fusion 1.056; decoding at
-# stride 32 flattens the decode-window edges, so the decode keeps the seed's stride 16.
-FAST_MODE = LargeImageConfig(steps=20, stride=32, fusion_weights="gaussian")
+# seed's own stochastic DDIM steps instead of 50, each window's x0 faded towards its edges
+# (Gaussian fusion), and decoded windows blended with Hann tapers: 49 x 20 x 2 = 1,960 UNet
+# evaluations per 1024 px against 16,900 (1/8.6). Chosen by measurement on the seed fixture
+# (BENCHMARKS.md, bench/seams.py): the seed's Gaussian decode blend leaves flattened texture along
+# the decode-window edges (r = 0.95-0.97 on fast-mode canvases; on seed mode's canvas it cancels
+# the jumps its uniform fusion leaves on the same lines); the Hann blend gives a window's border
+# pixels, which a decoder computes from zero padding, almost no weight.
+FAST_MODE = LargeImageConfig(steps=20, stride=32, fusion_weights="gaussian", decode_weights="hann")

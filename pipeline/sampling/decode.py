@@ -1,7 +1,7 @@
-"""Gaussian-blended window decoding of a large latent, streamed as finished bands of output rows.
+"""Blended window decoding of a large latent, streamed as finished bands of output rows.
 
 Each window of `window` latents is decoded on its own (a first-stage decoder sees only inputs of
-the size it was trained on), weighted by a Gaussian centred on the window, and the weighted
+the size it was trained on), weighted (the seed: a Gaussian centred on the window), and the weighted
 decodes are summed and divided by the summed weights. Windows are decoded one window row at a
 time; once a window row is done, every output row above the next window row's top is final, so
 it is converted to uint8 and handed out. Only a band one window high stays in float memory.
@@ -18,15 +18,6 @@ from pipeline.sampling.windows import WindowLayout
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
-def gaussian_window_weights(size: int, sigma: float) -> torch.Tensor:
-    """(size, size) weights exp(-d^2 / sigma^2) / max, d = distance from the centre on a
-    linspace(-1, 1, size) grid in both axes (the seed's `gaussian_kernel`)."""
-    axis = torch.linspace(-1, 1, size)
-    squared_distance = axis[:, None] ** 2 + axis[None, :] ** 2
-    weights = torch.exp(-squared_distance / sigma**2)
-    return weights / weights.max()
-
-
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating as the seed's `.to(torch.uint8)`."""
     scaled = ((images + 1) / 2).clamp(0, 1) * 255
@@ -34,18 +25,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def blended_bands(
-    decode: Decoder, latent: torch.Tensor, factor: int, window: int, stride: int, batch: int, sigma: float
+    decode: Decoder, latent: torch.Tensor, factor: int, window: int, stride: int, batch: int,
+    weights: torch.Tensor,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (first output row, uint8 rows (h, W, 3)) top to bottom; the bands tile the image.
 
-    latent: (1, C, H, W). Stopping early decodes only the windows the yielded rows need.
+    latent: (1, C, H, W); weights: (window * factor,) * 2, positive everywhere (see weights.py).
+    Stopping early decodes only the windows the yielded rows need.
     """
     if latent.shape[0] != 1:
         raise ValueError("decode one canvas at a time")
     layout = WindowLayout(latent.shape[2], latent.shape[3], window, stride)
     tile = window * factor
     width = latent.shape[3] * factor
-    weights = gaussian_window_weights(tile, sigma).to(latent.device)
+    if tuple(weights.shape) != (tile, tile):
+        raise ValueError(f"decode weights of shape {tuple(weights.shape)} for {tile}x{tile}-pixel windows")
+    weights = weights.to(latent.device)
     # Float accumulators for output rows [band_top, band_top + tile): every window still to come
     # starts at or below band_top.
     image_sum = torch.zeros(3, tile, width, device=latent.device)
@@ -76,7 +71,7 @@ def decode_large_image(
     window: int,
     stride: int,
     batch: int,
-    sigma: float,
+    weights: torch.Tensor,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The whole (H*f, W*f, 3) uint8 image; pass `out` (e.g. an np.memmap) to keep it off the heap."""
@@ -85,6 +80,6 @@ def decode_large_image(
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8:
         raise ValueError(f"out must be uint8 of shape {shape}, got {out.dtype} {out.shape}")
-    for top, rows in blended_bands(decode, latent, factor, window, stride, batch, sigma):
+    for top, rows in blended_bands(decode, latent, factor, window, stride, batch, weights):
         out[top : top + len(rows)] = rows
     return out

@@ -10,26 +10,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-from pipeline.sampling.decode import gaussian_window_weights
 from pipeline.sampling.windows import WindowLayout
-
-
-def hann_window_weights(size: int) -> torch.Tensor:
-    """(size, size) separable sin^2 taper, sin^2(pi (i + 1/2) / size) per axis: ~0 at the edges, 1 in
-    the middle; shifted by size / 2 the tapers of one axis sum to exactly 1."""
-    axis = torch.sin(torch.pi * (torch.arange(size, dtype=torch.float64) + 0.5) / size) ** 2
-    return (axis[:, None] * axis[None, :]).float()
-
-
-def fusion_window_weights(kind: str, size: int, sigma: float) -> torch.Tensor | None:
-    """The per-window x0 weights of a LargeImageConfig.fusion_weights value (None: uniform)."""
-    if kind == "uniform":
-        return None
-    if kind == "gaussian":
-        return gaussian_window_weights(size, sigma)
-    if kind == "hann":
-        return hann_window_weights(size)
-    raise ValueError(f"fusion weights {kind!r}: expected uniform, gaussian or hann")
 
 
 def guided_epsilon(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float, form: str) -> torch.Tensor:

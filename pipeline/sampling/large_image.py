@@ -12,10 +12,11 @@ import torch
 from pipeline.sampling.conditions import unconditional_context, window_contexts
 from pipeline.sampling.config import LargeImageConfig
 from pipeline.sampling.decode import blended_bands, decode_large_image
-from pipeline.sampling.fusion import WindowFusion, fusion_window_weights, needs_unconditional
+from pipeline.sampling.fusion import WindowFusion, needs_unconditional
 from pipeline.sampling.model import DiffusionModel, as_diffusion_model
 from pipeline.sampling.seams import seam_score, window_boundaries
 from pipeline.sampling.steppers import make_stepper
+from pipeline.sampling.weights import window_weights
 from pipeline.sampling.windows import WindowLayout, max_shift
 
 SHIFT_STREAM = 0x5D1F7  # the window-shift generator's seed offset: its own stream, apart from the noise
@@ -72,7 +73,9 @@ class LargeImageSampler:
             guidance_scale=config.guidance_scale,
             guidance_form=config.guidance_form,
             window_batch=config.window_batch,
-            window_weights=fusion_window_weights(config.fusion_weights, window, config.fusion_sigma),
+            # None: plain window counts, exactly the seed's mean.
+            window_weights=(None if config.fusion_weights == "uniform"
+                            else window_weights(config.fusion_weights, window, config.fusion_sigma)),
         )
         self.device = next(model.unet.parameters()).device
 
@@ -134,14 +137,15 @@ class LargeImageSampler:
 def _decode_arguments(model: DiffusionModel, latent: torch.Tensor, config: LargeImageConfig) -> tuple:
     """The positional arguments both decode entry points pass to pipeline.sampling.decode."""
     autoencoder = as_diffusion_model(model).autoencoder
-    return (autoencoder.decode, latent, autoencoder.downsampling_factor, config.window,
-            config.decode_stride, config.decode_batch, config.decode_sigma)
+    factor = autoencoder.downsampling_factor
+    weights = window_weights(config.decode_weights, config.window * factor, config.decode_sigma)
+    return (autoencoder.decode, latent, factor, config.window, config.decode_stride, config.decode_batch, weights)
 
 
 def decode_canvas(
     model: DiffusionModel, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """The Gaussian-blended uint8 image of a latent canvas (written into `out` when given)."""
+    """The window-blended uint8 image of a latent canvas (written into `out` when given)."""
     return decode_large_image(*_decode_arguments(model, latent, config), out=out)
 
 
