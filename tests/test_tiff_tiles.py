@@ -3,12 +3,14 @@ cannot be proven equal goes through OpenSlide."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import openslide
 import pytest
 from PIL import Image
 
-from helpers import DEMO_SLIDE, make_spec
+from helpers import DEMO_SLIDE, decode, make_spec, read_shards
 from pipeline.io.large_image_files import write_pyramid_tiff
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source
@@ -81,3 +83,21 @@ def test_demo_slide_is_tiled_from_its_tiles(tmp_path):
 def he_image(shared_data):
     with Image.open(shared_data / "he_images" / "TCGA-HE-7130-01Z-00-DX1.png") as image:
         return np.asarray(image.convert("RGB"))
+
+
+def test_tiling_from_a_reduced_level_equals_openslide_reads(tmp_path, he_image):
+    """At 1 um/px from a 0.5 um/px pyramid the patches come from level 1's tiles: each equals
+    OpenSlide's read of the same level-0 box at that level, resized the same way."""
+    path = tmp_path / "pyramid.tif"
+    write_pyramid_tiff(path, he_image[:1000, :1000], 0.5)
+    spec = make_spec(inputs={"p": str(path)}, target_mpp=1.0, patch_size=128, tissue_threshold=0.2)
+    out = tmp_path / "out"
+    status = tile_input(spec, "p", path, out, open_slide_source)
+    assert status["status"] == "done" and status["read_level"] == 1 and status["pixel_reader"] == "tifffile"
+    samples = read_shards(out)
+    assert len(samples) == status["patch_count"] > 0
+    with openslide.OpenSlide(path) as slide:
+        for sample in samples:
+            meta = json.loads(sample["json"])
+            region = openslide_on_white(slide, 1, meta["x"] // 2, meta["y"] // 2, 128, 128)
+            np.testing.assert_array_equal(decode(sample["png"]), region)  # 256 level-0 px = 128 at level 1

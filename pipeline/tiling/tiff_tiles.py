@@ -24,7 +24,9 @@ import tifffile
 TIFF_VENDORS = {"aperio", "generic-tiff"}
 # Codecs whose decoded RGB bytes match OpenSlide's: JPEG, LZW, Deflate, none.
 DECODED_COMPRESSIONS = {1, 5, 7, 8, 32946}
-TILE_CACHE = 64  # decoded tiles kept: patches in row-major order reuse the tiles of their row
+# Decoded tiles kept: patches are read in row-major order, and a patch row shares its top and
+# bottom tile rows with the rows above and below, so two tile rows of a level are worth keeping.
+TILE_CACHE_BYTES = 192 * 2**20
 
 
 class TileDecodeError(Exception):
@@ -42,6 +44,10 @@ class TiffLevelReader:
         self.pages = pages  # OpenSlide level -> TIFF page, for candidate levels
         self.verified: dict[int, bool] = {}
         self.tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        widest = max(pages.values(), key=lambda page: page.imagewidth)
+        tiles_across = -(-widest.imagewidth // widest.tilewidth)
+        tile_bytes = widest.tilewidth * widest.tilelength * 3
+        self.cache_tiles = max(16, min(2 * tiles_across + 2, TILE_CACHE_BYTES // tile_bytes))
 
     @classmethod
     def open(cls, path: Path, slide: openslide.OpenSlide) -> TiffLevelReader | None:
@@ -112,7 +118,7 @@ class TiffLevelReader:
                 raise TileDecodeError(f"{self.path}: tile {index} of level {page_level} is truncated")
             tile = segment[0]
         self.tiles[key] = tile
-        if len(self.tiles) > TILE_CACHE:
+        if len(self.tiles) > self.cache_tiles:
             self.tiles.popitem(last=False)
         return tile
 
