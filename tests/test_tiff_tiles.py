@@ -101,3 +101,24 @@ def test_tiling_from_a_reduced_level_equals_openslide_reads(tmp_path, he_image):
             meta = json.loads(sample["json"])
             region = openslide_on_white(slide, 1, meta["x"] // 2, meta["y"] // 2, 128, 128)
             np.testing.assert_array_equal(decode(sample["png"]), region)  # 256 level-0 px = 128 at level 1
+
+
+def test_a_directory_tifffile_cannot_parse_leaves_the_slide_to_openslide(tmp_path, monkeypatch):
+    """OpenSlide opened it, so a tifffile failure while scanning pages is not the slide's fault."""
+    import pipeline.tiling.tiff_tiles as tiff_tiles
+
+    class Unparsable:
+        def __init__(self, path):
+            pass
+
+        @property
+        def pages(self):
+            raise ValueError("invalid TIFF directory")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tiff_tiles.tifffile, "TiffFile", Unparsable)
+    spec = make_spec(inputs={"d": str(DEMO_SLIDE)})
+    status = tile_input(spec, "d", DEMO_SLIDE, tmp_path / "out", open_slide_source)
+    assert status["status"] == "done" and status["pixel_reader"] == "openslide" and status["patch_count"] > 0

@@ -58,11 +58,14 @@ class TiffLevelReader:
             tiff = tifffile.TiffFile(path)
         except Exception:  # noqa: BLE001 - OpenSlide opened it: it stays the reader
             return None
-        pages = {}
-        for level, (width, height) in enumerate(slide.level_dimensions):
-            page = next((p for p in tiff.pages if _decodable(p) and p.shape[:2] == (height, width)), None)
-            if page is not None:
-                pages[level] = page
+        try:
+            pages = {}
+            for level, (width, height) in enumerate(slide.level_dimensions):
+                page = next((p for p in tiff.pages if _decodable(p) and p.shape[:2] == (height, width)), None)
+                if page is not None:
+                    pages[level] = page
+        except Exception:  # noqa: BLE001 - a directory tifffile cannot parse: OpenSlide reads it
+            pages = {}
         if not pages:
             tiff.close()
             return None
