@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.models import load_seed_checkpoint  # noqa: E402
 from pipeline.sampling import FAST_MODE, SEED_MODE, LargeImageSampler, decode_canvas  # noqa: E402
-from pipeline.sampling.large_image import large_image_seam_score  # noqa: E402
+from pipeline.sampling.large_image import large_image_seam_score, window_edge_classes  # noqa: E402
 from pipeline.sampling.model import as_diffusion_model  # noqa: E402
-from pipeline.sampling.seams import boundary_gradient_ratio, seam_score, window_boundaries  # noqa: E402
+from pipeline.sampling.seams import boundary_gradient_ratio, seam_score  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed_ldm_tiny"
 
@@ -45,15 +45,8 @@ def parse_value(text: str):
         return text
 
 
-def edge_classes(config, size: int, factor: int) -> dict[str, list[int]]:
-    sampling = set(window_boundaries(size, config.window, config.stride, factor))
-    decoding = set(window_boundaries(size, config.window, config.decode_stride, factor))
-    return {"both": sorted(sampling & decoding), "sampling_only": sorted(sampling - decoding),
-            "decoding_only": sorted(decoding - sampling)}
-
-
 def score_image(image: np.ndarray, config, size: int, factor: int) -> dict:
-    classes = edge_classes(config, size, factor)
+    classes = window_edge_classes(size, config, factor)
     ratios = {name: round(boundary_gradient_ratio(image, lines, lines), 4) for name, lines in classes.items() if lines}
     # Halfway between the finest edges of both modes (every 16 latent px = 64 output px).
     control = [x for x in range(32, size * factor, 64)]

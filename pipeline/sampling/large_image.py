@@ -170,23 +170,27 @@ def generate_large_image(
     return LargeImage(latent=latent, image=image, stats=stats)
 
 
+EDGE_CLASSES = ("both", "sampling_only", "decoding_only")
+
+
+def window_edge_classes(size: int, config: LargeImageConfig, factor: int) -> dict[str, list[int]]:
+    """Output-pixel edge lines along one axis of `size` latents, by class: edges of both the
+    sampling and the decoding windows, of the sampling windows only, of the decoding windows only."""
+    sampling = set(window_boundaries(size, config.window, config.stride, factor))
+    decoding = set(window_boundaries(size, config.window, config.decode_stride, factor))
+    return dict(zip(EDGE_CLASSES, map(sorted, (sampling & decoding, sampling - decoding, decoding - sampling))))
+
+
 def large_image_seam_score(
     image: np.ndarray, latent_shape: tuple[int, ...], config: LargeImageConfig, factor: int
 ) -> float:
-    """The worst seam_score over three classes of edges: those of both the sampling and the
-    decoding windows, of the sampling windows only, and of the decoding windows only.
+    """The worst seam_score over the three classes of window_edge_classes.
 
     Scored apart, a jump at one class of edges and flattened texture at another cannot cancel.
     An image of a single window has no edges and scores 1.0.
     (With shift_windows the sampling edges move every step; the unshifted ones are scored.)
     """
     height, width = latent_shape[-2:]
-
-    def classes(size: int) -> list[set[int]]:
-        sampling = set(window_boundaries(size, config.window, config.stride, factor))
-        decoding = set(window_boundaries(size, config.window, config.decode_stride, factor))
-        return [sampling & decoding, sampling - decoding, decoding - sampling]
-
-    scores = [seam_score(image, sorted(rows), sorted(columns))
-              for rows, columns in zip(classes(height), classes(width)) if rows or columns]
+    rows, columns = window_edge_classes(height, config, factor), window_edge_classes(width, config, factor)
+    scores = [seam_score(image, rows[name], columns[name]) for name in EDGE_CLASSES if rows[name] or columns[name]]
     return max(scores, default=1.0)  # one window: no edges, nothing to see
