@@ -124,6 +124,11 @@ def read_patch(slide: openslide.OpenSlide, x: int, y: int, read_size: int, level
     return np.asarray(resize_area(rgba_to_rgb_on_white(region), patch_size))
 
 
+def reduced(image: Image.Image, factor: int) -> Image.Image:
+    """Means of whole factor x factor blocks (the last row/column of blocks may be partial)."""
+    return image.reduce(factor) if factor > 1 else image
+
+
 def integral_level_origin(x: int, y: int, downsample: float) -> tuple[int, int] | None:
     """(x, y) level-0 in level pixels when they fall on whole pixels; else None (OpenSlide then
     paints the region at a sub-pixel offset that only its own reader reproduces)."""
@@ -153,16 +158,19 @@ class SlideSource:
             self.close()
             raise
 
+    def _from_tiles(self, level: int) -> bool:
+        return self.tiles is not None and self.tiles.serves(level)
+
     def _read_level(self, level: int) -> np.ndarray:
         """A whole level as (height, width, 3) uint8."""
-        if self.tiles is not None and self.tiles.serves(level):
+        if self._from_tiles(level):
             width, height = self.slide.level_dimensions[level]
             return self.tiles.region(level, 0, 0, width, height)
         return np.asarray(read_level(self.slide, level))
 
     def _read_patch(self, x: int, y: int) -> np.ndarray:
         level, patch_size = self.level, self.spec.patch_size
-        if self.tiles is not None and self.tiles.serves(level):
+        if self._from_tiles(level):
             origin = integral_level_origin(x, y, self.slide.level_downsamples[level])
             if origin is not None:
                 level_size = max(1, round(self.read_size / self.slide.level_downsamples[level]))
@@ -201,22 +209,20 @@ class SlideSource:
         # at a fraction of a fractional resize's cost; the coarser one is reduced from the finer.
         level_view = Image.frombuffer("RGB", (overview.shape[1], overview.shape[0]), np.ascontiguousarray(overview),
                                       "raw", "RGB", 0, 1)
-        if mask_factor <= qc_factor:
-            thumbnail = level_view.reduce(mask_factor) if mask_factor > 1 else level_view
-            qc_factor = mask_factor * math.ceil(qc_factor / mask_factor)
-            self.qc_base = thumbnail.reduce(qc_factor // mask_factor) if qc_factor > mask_factor else thumbnail.copy()
-        else:
-            self.qc_base = level_view.reduce(qc_factor) if qc_factor > 1 else level_view.copy()
-            mask_factor = qc_factor * max(1, mask_factor // qc_factor)
-            thumbnail = self.qc_base.reduce(mask_factor // qc_factor) if mask_factor > qc_factor else self.qc_base
-        self.thumbnail = np.asarray(thumbnail)
+        finer = min(mask_factor, qc_factor)
+        # The coarser factor becomes a multiple of the finer, rounded the way it was rounded above.
+        mask_factor = finer * max(1, mask_factor // finer)
+        qc_factor = finer * math.ceil(qc_factor / finer)
+        base = reduced(level_view, finer)
+        self.qc_base = reduced(base, qc_factor // finer)
+        self.thumbnail = np.asarray(reduced(base, mask_factor // finer))
         # Level-0 pixels per mask pixel (the last mask pixel of a row or column may cover fewer).
         self.mask_scale = level_scale[0] * mask_factor, level_scale[1] * mask_factor
         # A small single-level slide is read whole for the thumbnail anyway: cut the patches
         # from that image instead of decoding every tile a second time.
         self.level_image = overview if overview_level == self.level == 0 else None
-        del overview, level_view, thumbnail
-        self.info["pixel_reader"] = "tifffile" if self.tiles is not None and self.tiles.serves(self.level) else "openslide"
+        del overview, level_view, base
+        self.info["pixel_reader"] = "tifffile" if self._from_tiles(self.level) else "openslide"
         self.mask = tissue_mask(self.thumbnail)
         rows, cols = np.mgrid[0:self.rows, 0:self.cols]
         fractions = box_fractions(self.mask, cols.ravel() * self.read_size / self.mask_scale[0],
