@@ -26,7 +26,7 @@ import torch
 
 from pipeline.config import DatasetSpec
 from pipeline.embedding.encoders import build_encoder
-from pipeline.embedding.extract import RunSettings, embed_input
+from pipeline.embedding.extract import EmbeddingSettings, embed_input
 from pipeline.io.shard_stage import PatchImages
 from pipeline.io.shards import read_shard
 from pipeline.tiling.outputs import tile_input
@@ -63,7 +63,7 @@ def device_name(device: torch.device) -> str:
 
 
 @torch.inference_mode()
-def pure_forward(encoder, tiles: Path, settings: RunSettings, repeats: int) -> tuple[float, int]:
+def pure_forward(encoder, tiles: Path, settings: EmbeddingSettings, repeats: int) -> tuple[float, int]:
     """Seconds for ``repeats`` passes of forward-only over pre-decoded, on-device batches."""
     device = settings.torch_device()
     images = PatchImages(read_shard(next(tiles.glob("*.tar"))))
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "embed.json"))
     args = parser.parse_args()
 
-    settings = RunSettings(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+    settings = EmbeddingSettings(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
     device = settings.torch_device()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights are fine for timing

@@ -10,9 +10,9 @@ only on the architecture, seam scores of random models only on the method's geom
 
 * ``small``: the ``small`` training preset on the random tiny VQ-f16 (16x16-latent windows, 256 px
   each): the demo's model, cheap enough for 4096 px and 8192 px on a CPU;
-* ``seed-random``: the seed's full-size UNet on a random full-size VQ-f4 (64x64-latent windows),
-  for GPU timings comparable with the seed's ~60 s per 1024 px image;
-* a folder: an exported model (``rldiff.json``) or a seed release folder, e.g. the fixture.
+* ``lid-random``: LID's full-size UNet on a random full-size VQ-f4 (64x64-latent windows),
+  for GPU timings comparable with LID's ~60 s per 1024 px image;
+* a folder: a pipeline export (``model_index.json``) or a LID release folder, e.g. the fixture.
 
 The embedding grid is a fixed random Gaussian [k, k, D] (seeded), the same for both modes.
 Peak memory: on CPU the growth of the process's peak resident set (VmHWM, reset before each run)
@@ -20,7 +20,7 @@ over its resident set before the run; on CUDA ``torch.cuda.max_memory_allocated`
 
     .venv/bin/python bench/large_image.py                                  # small model, CPU
     .venv/bin/python bench/large_image.py --runs 8192:fast                 # bounded memory at 8192 px
-    .venv/bin/python bench/large_image.py --model seed-random --device cuda --runs 1024:seed,fast
+    .venv/bin/python bench/large_image.py --model lid-random --device cuda --runs 1024:lid,fast
 """
 
 from __future__ import annotations
@@ -40,30 +40,30 @@ from diffusers import DDPMScheduler, VQModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.latents.autoencoder import Autoencoder, random_vq  # noqa: E402
-from pipeline.models.presets import SEED_FULL_SIZE, vq_kwargs  # noqa: E402
-from pipeline.sampling.model import DiffusionModel, load_diffusion_model  # noqa: E402
-from pipeline.sampling.stage import generate_region, large_image_config  # noqa: E402
+from pipeline.models import RLDiffPipeline, load_pipeline  # noqa: E402
+from pipeline.models.autoencoder import random_vq  # noqa: E402
+from pipeline.models.presets import LID_FULL_SIZE, vq_kwargs  # noqa: E402
+from pipeline.sampling.config import large_image_config  # noqa: E402
+from pipeline.sampling.stage import generate_region  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
 from pipeline.training.module import LatentDiffusion  # noqa: E402
 
-DEFAULT_RUNS = ["1024:seed,fast", "2048:seed,fast", "4096:fast"]
+DEFAULT_RUNS = ["1024:lid,fast", "2048:lid,fast", "4096:fast"]
 
 
-def random_model(preset: str, embedding_dim: int) -> DiffusionModel:
+def random_model(preset: str, embedding_dim: int) -> RLDiffPipeline:
     torch.manual_seed(0)
     if preset == "small":
         config = TrainConfig(preset="small", latent_size=16, patch_embed_dim=embedding_dim)
-        autoencoder = random_vq("tiny-vq-f16", seed=0, allow_random_weights=True)
+        vae = random_vq("tiny-vq-f16", seed=0, allow_random_weights=True).model
     else:
-        config = TrainConfig(preset="seed", latent_size=64, patch_embed_dim=embedding_dim)
-        vq = VQModel(**vq_kwargs(SEED_FULL_SIZE.vq, 1.0))
-        autoencoder = Autoencoder(vq, "vq", "random:vq-f4", random_weights=True)
+        config = TrainConfig(preset="lid", latent_size=64, patch_embed_dim=embedding_dim)
+        vae = VQModel(**vq_kwargs(LID_FULL_SIZE.vq, 1.0))
     module = LatentDiffusion(config)
     unet, condition = module.export_models(False)
-    scheduler = config.scheduler_config()
-    betas = DDPMScheduler.from_config(scheduler).betas.double().numpy()
-    return DiffusionModel(unet.eval(), condition.eval(), autoencoder, betas, scheduler, f"random:{preset}")
+    return RLDiffPipeline(unet=unet.eval(), vae=vae.eval(), condition=condition.eval(),
+                          scheduler=DDPMScheduler.from_config(config.scheduler_config()),
+                          provenance={"random_weights": ["unet", "condition", "autoencoder"]})
 
 
 def resident_kib(field: str) -> int:
@@ -97,7 +97,7 @@ def parse_value(text: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", help="small | seed-random | a model folder")
+    parser.add_argument("--model", default="small", help="small | lid-random | a model folder")
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="SIZE:MODE[,MODE] (pixels per side)")
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides of LargeImageConfig")
     parser.add_argument("--device", default="cpu")
@@ -107,16 +107,16 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    if args.model in ("small", "seed-random"):
+    if args.model in ("small", "lid-random"):
         model = random_model(args.model, args.embedding_dim)
     else:
-        model = load_diffusion_model(args.model)
+        model = load_pipeline(args.model)
     model.to(device)
     overrides = dict(item.split("=", 1) for item in args.set)
     overrides = {key: parse_value(value) for key, value in overrides.items()}
     if args.window_batch:
         overrides["window_batch"] = args.window_batch
-    patch = model.latent_size * model.autoencoder.downsampling_factor
+    patch = model.latent_size * model.downsampling_factor
     results = []
     for size, mode in parse_runs(args.runs):
         if size % patch:

@@ -1,8 +1,8 @@
-"""Seam quality of seed mode against fast mode on the seed fixture, over several noise seeds.
+"""Seam quality of lid mode against fast mode on the LID fixture, over several noise seeds.
 
-Model: the seed's own fixture release (``../shared/fixtures/seed_ldm_tiny``) and its 4x4
-embedding grid (``golden.npz: pano_grid``), 1024 px. Seed mode's canvas is the seed's own
-``pano_latent`` (our seed mode reproduces it to 4e-5: ``tests/test_large_image_slow.py``;
+Model: LID's own fixture release (``../shared/fixtures/seed_ldm_tiny``) and its 4x4
+embedding grid (``golden.npz: pano_grid``), 1024 px. Lid mode's canvas is LID's own
+``pano_latent`` (our lid mode reproduces it to 4e-5: ``tests/test_large_image_slow.py``;
 sampling it again costs 16,900 evaluations, about 40 min on one CPU core), decoded by our code
 with the mode's own decode settings. Fast mode is sampled here once per ``--seeds`` value.
 
@@ -29,10 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.models import load_seed_checkpoint  # noqa: E402
-from pipeline.sampling import FAST_MODE, SEED_MODE, LargeImageSampler, decode_canvas  # noqa: E402
+from pipeline.models import load_lid_release  # noqa: E402
+from pipeline.sampling import FAST_MODE, LID_MODE, LargeImageSampler, decode_canvas  # noqa: E402
 from pipeline.sampling.large_image import large_image_seam_score, window_edge_classes  # noqa: E402
-from pipeline.sampling.model import as_diffusion_model  # noqa: E402
 from pipeline.sampling.seams import boundary_gradient_ratio, seam_score  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed_ldm_tiny"
@@ -67,24 +66,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    model = as_diffusion_model(load_seed_checkpoint(args.fixture))
+    model = load_lid_release(args.fixture)
     golden = np.load(args.fixture / "golden.npz")
     grid = golden["pano_grid"].reshape(4, 4, -1)
-    factor = model.autoencoder.downsampling_factor
+    factor = model.downsampling_factor
     overrides = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
     fast = FAST_MODE.with_(**overrides)
     runs = []
 
-    seed_latent = torch.from_numpy(golden["pano_latent"]).float()
-    size = seed_latent.shape[-1]
-    image = decode_canvas(model, seed_latent, SEED_MODE)
-    runs.append({"mode": "seed", "seed": "the seed's own sample (golden pano_latent)", "unet_evaluations": 16900,
-                 **score_image(image, SEED_MODE, size, factor)})
+    lid_latent = torch.from_numpy(golden["pano_latent"]).float()
+    size = lid_latent.shape[-1]
+    image = decode_canvas(model, lid_latent, LID_MODE)
+    runs.append({"mode": "lid", "seed": "LID's own sample (golden pano_latent)", "unet_evaluations": 16900,
+                 **score_image(image, LID_MODE, size, factor)})
     print(json.dumps(runs[-1]), flush=True)
-    # The same canvas with fast mode's decode blend: what the seed's Gaussian decode was hiding.
-    hann = SEED_MODE.with_(decode_weights=fast.decode_weights)
-    image = decode_canvas(model, seed_latent, hann)
-    runs.append({"mode": f"seed canvas, {fast.decode_weights} decode", "seed": "golden pano_latent",
+    # The same canvas with fast mode's decode blend: what LID's Gaussian decode was hiding.
+    hann = LID_MODE.with_(decode_weights=fast.decode_weights)
+    image = decode_canvas(model, lid_latent, hann)
+    runs.append({"mode": f"lid canvas, {fast.decode_weights} decode", "seed": "golden pano_latent",
                  "unet_evaluations": 16900, **score_image(image, hann, size, factor)})
     print(json.dumps(runs[-1]), flush=True)
 
@@ -102,12 +101,12 @@ def main() -> None:
     report = {
         "fixture": str(args.fixture), "size_px": size * factor, "fast_mode": {**vars(fast)}, "runs": runs,
         "fast_seam_score_mean": round(float(np.mean(fast_scores)), 4),
-        "fast_seam_score_max": max(fast_scores), "seed_seam_score": runs[0]["seam_score"],
+        "fast_seam_score_max": max(fast_scores), "lid_seam_score": runs[0]["seam_score"],
         "control_score_max": max(controls), "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("fast_seam_score_mean", "fast_seam_score_max", "seed_seam_score",
+    print(json.dumps({k: report[k] for k in ("fast_seam_score_mean", "fast_seam_score_max", "lid_seam_score",
                                               "control_score_max")}))
     print(f"wrote {args.out}")
 

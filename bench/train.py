@@ -8,7 +8,7 @@ Data: embedding-layout shards of the 22 real H&E patches (../shared/data/he_patc
   trainer, precision, optimizer) on the latent shards.
 * **on_the_fly**: the same model, trainer and batch size, but the loader (same worker count) reads
   the embedding shards and decodes the JPEG patches (random flips), and every step encodes the batch
-  with the autoencoder on the training device before the diffusion step, as the seed did.
+  with the autoencoder on the training device before the diffusion step, as LID did.
 
 A Lightning callback times every step: *compute* = ``on_train_batch_start`` -> ``on_train_batch_end``
 (forward, backward, optimizer step); *data* = the gap from the previous step's end to this step's
@@ -17,7 +17,7 @@ GPU both ends synchronise. The first ``--warmup`` steps are dropped. ``input_sha
 mean data / (mean data + mean compute); the issue's goal is <= 5 % for precomputed latents.
 
     .venv/bin/python bench/train.py                      # CPU, about 1-3 minutes on 2 cores
-    .venv/bin/python bench/train.py --device cuda --preset seed --latent-preset tiny-vq-f4 --batch-size 64
+    .venv/bin/python bench/train.py --device cuda --preset lid --latent-preset tiny-vq-f4 --batch-size 64
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.io.shard_stage import PatchImages
 from pipeline.io.shards import decode_npy, read_shard
-from pipeline.latents import EncodeSettings, encode_input, random_vq
+from pipeline.latents import EncodeSettings, encode_input
+from pipeline.models.autoencoder import random_vq
 from pipeline.latents.encode import to_model_range
 from pipeline.training import TrainConfig, train
 from pipeline.training.data import embedding_field, step_randomness
@@ -172,7 +173,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--preset", default="small", choices=["small", "seed"])
+    parser.add_argument("--preset", default="small", choices=["small", "lid"])
     parser.add_argument("--latent-preset", default="tiny-vq-f8", choices=["tiny-vq-f4", "tiny-vq-f8", "tiny-vq-f16"])
     parser.add_argument("--num-workers", type=int, default=1, help="loader workers (TrainConfig allows 0 or 1)")
     parser.add_argument("--repeats", type=int, default=6, help="copies of the 22 real patches")

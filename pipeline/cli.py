@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, DatasetSpec, load_config
+from pipeline.config import DatasetSpec, load_config, schema_default, settings_from_table
+from pipeline.errors import PipelineError
 
 
 def _tile_input(args: argparse.Namespace) -> int:
@@ -29,16 +30,23 @@ def _tile_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed_input(args: argparse.Namespace) -> int:
+def _table(text: str) -> dict:
+    """A config table passed as JSON by a rule (or by hand: '{}' means every default)."""
     import json
 
-    from pipeline.embedding.extract import RunSettings, embed_input
-    from pipeline.embedding.encoders import build_encoder
+    table = json.loads(text) if text else {}
+    if not isinstance(table, dict):
+        raise PipelineError(f"--settings must be a JSON object (a config table), got {text[:80]!r}")
+    return table
 
-    settings = RunSettings(**json.loads(args.settings))
-    encoders = [build_encoder(name, weights=s.get("weights"), hub_id=s.get("hub_id"),
-                              allow_random_weights=s.get("allow_random_weights", False))
-                for name, s in json.loads(args.encoders).items()]
+
+def _embed_input(args: argparse.Namespace) -> int:
+    from pipeline.embedding.encoders import EncoderSettings
+    from pipeline.embedding.extract import EmbeddingSettings, embed_input
+
+    settings = settings_from_table(EmbeddingSettings, _table(args.settings), "embedding")
+    encoders = [settings_from_table(EncoderSettings, table, f"encoders.{name}").build(name)
+                for name, table in _table(args.encoders).items()]
     device = settings.torch_device()
     encoders = [encoder.to(device) for encoder in encoders]
     manifest = embed_input(args.tiles, args.out, encoders, settings)
@@ -55,25 +63,22 @@ def _embed_index(args: argparse.Namespace) -> int:
 
 
 def _encode_latents(args: argparse.Namespace) -> int:
-    import json
-
     from pipeline.latents import EncodeSettings, encode_input
-    from pipeline.latents.autoencoder import load_autoencoder
 
-    autoencoder = load_autoencoder(**json.loads(args.autoencoder))
-    manifest = encode_input(args.embeddings, args.out, autoencoder, EncodeSettings(**json.loads(args.settings)))
+    settings = settings_from_table(EncodeSettings, _table(args.settings), "latents")
+    manifest = encode_input(args.embeddings, args.out, settings.autoencoder.load(), settings)
     print(f"{args.out}: {len(manifest)} patches encoded")
     return 0
 
 
-def training_config(settings: dict, embedding_key: str):
-    """The run's TrainConfig: the config's `training:` plus what the dataset implies."""
-    from pipeline.embedding.encoders import ENCODERS
+def training_config(table: dict, embedding_key: str, holdout_fraction: float = 0.0, seed: int | None = None):
+    """The run's TrainConfig: the config's `training:` table plus what the dataset and the run imply."""
+    from pipeline.embedding.encoders import get_spec
     from pipeline.training.config import TrainConfig
 
-    settings = {"embedding_key": embedding_key, **settings}
-    settings.setdefault("patch_embed_dim", ENCODERS[settings["embedding_key"]].output_dim)
-    return TrainConfig.from_dict(settings)
+    return settings_from_table(TrainConfig, table, "training", embedding_key=embedding_key,
+                               patch_embed_dim=get_spec(embedding_key).output_dim, holdout_fraction=holdout_fraction,
+                               seed=schema_default("seed") if seed is None else seed)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -82,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.io.atomic import write_text_atomic
     from pipeline.training.run import last_checkpoint, train
 
-    config = training_config(json.loads(args.settings), args.embedding_key)
+    config = training_config(_table(args.settings), args.embedding_key, args.holdout_fraction, args.seed)
     train(config, [Path(p).parent for p in args.latents], args.run)
     checkpoint = last_checkpoint(args.run)
     if args.done:
@@ -92,59 +97,42 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export_model(args: argparse.Namespace) -> int:
-    import json
-
-    from pipeline.latents.autoencoder import load_autoencoder
+    from pipeline.models.autoencoder import AutoencoderSettings
     from pipeline.training.export import export_checkpoint
     from pipeline.training.run import last_checkpoint
 
     checkpoint = last_checkpoint(args.run)
     if checkpoint is None:
-        print(f"error: {args.run}: no checkpoint to export", file=sys.stderr)
-        return 2
-    export_checkpoint(checkpoint, args.out, load_autoencoder(**json.loads(args.autoencoder)),
-                      use_ema=not args.no_ema)
+        raise PipelineError(f"{args.run}: no checkpoint to export")
+    autoencoder = settings_from_table(AutoencoderSettings, _table(args.autoencoder), "latents.autoencoder")
+    export_checkpoint(checkpoint, args.out, autoencoder.load(), use_ema=not args.no_ema)
     print(f"{args.out}: exported {checkpoint}")
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import json
-
-    from pipeline.io.shard_stage import resolve_device
     from pipeline.sampling.patches import PatchSamplingConfig
     from pipeline.sampling.stage import sample_patches
 
     spec = DatasetSpec.from_json(args.spec)
-    settings = json.loads(args.settings)
-    device = resolve_device(settings.pop("device", "auto"))
-    max_samples = settings.pop("max_samples", 2048)
-    config = PatchSamplingConfig(seed=args.seed, **settings)
+    config = settings_from_table(PatchSamplingConfig, _table(args.settings), "sampling", seed=args.seed)
     manifest = sample_patches(args.model, args.embeddings, args.out, dataset=spec.name, mpp=spec.target_mpp,
                               holdout_inputs=spec.holdout_inputs, holdout_fraction=spec.holdout_fraction,
-                              config=config, max_samples=max_samples, device=device)
+                              config=config)
     print(f"{args.out}: {len(manifest)} patches generated ({config.sampler}, {config.steps} steps, "
           f"guidance {config.guidance_scale:g})")
     return 0
 
 
 def _large_image(args: argparse.Namespace) -> int:
-    import json
-
-    from pipeline.io.shard_stage import resolve_device
+    from pipeline.sampling.config import LargeImageSettings
     from pipeline.sampling.stage import generate_large_images
 
     spec = DatasetSpec.from_json(args.spec)
-    settings = json.loads(args.settings)
-    overrides = {name: settings.get(name) for name in
-                 ("sampler", "steps", "stride", "decode_stride", "guidance_scale", "window_batch",
-                  "shift_windows", "fusion_weights", "decode_weights")}
-    manifest = generate_large_images(
-        args.model, args.embeddings, args.out, dataset=spec.name, kind=spec.kind, mpp=spec.target_mpp,
-        holdout_inputs=spec.holdout_inputs, k=settings.get("k", 4), count=settings.get("regions", 4),
-        mode=settings.get("mode", "fast"), overrides=overrides, seed=args.seed,
-        device=resolve_device(settings.get("device", "auto")), png_max_side=settings.get("png_max_side", 4096),
-        tiff=settings.get("tiff", True))
+    settings = settings_from_table(LargeImageSettings, _table(args.settings), "large_image")
+    manifest = generate_large_images(args.model, args.embeddings, args.out, dataset=spec.name, kind=spec.kind,
+                                     mpp=spec.target_mpp, holdout_inputs=spec.holdout_inputs, settings=settings,
+                                     seed=args.seed)
     for row in manifest.itertuples():
         print(f"{args.out}/{row.region}: {row.width}x{row.height} px from {row.input_id} at col {row.col}, "
               f"row {row.row}; {row.unet_evaluations} UNet evaluations, seam score {row.seam_score:.3f}")
@@ -154,31 +142,23 @@ def _large_image(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.evaluation import EvaluationError, EvaluationSettings, describe, evaluate
+    from pipeline.evaluation import EvaluationSettings, describe, evaluate
 
-    try:
-        result = evaluate(args.out, EvaluationSettings.from_json(args.settings), json.loads(args.encoders),
-                          samples=args.samples, large_images=args.large_images, embedding_key=args.embedding_key)
-    except EvaluationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = evaluate(args.out, EvaluationSettings.from_dict(_table(args.settings)), _table(args.encoders),
+                      samples=args.samples, large_images=args.large_images, embedding_key=args.embedding_key)
     print(describe(result))
     return 0
 
 
 def _report_assets(args: argparse.Namespace) -> int:
-    from pipeline.reporting.assets import ReportInputError, build_assets
+    from pipeline.reporting.assets import build_assets
 
-    try:
-        written = build_assets(
-            dataset=args.dataset, tiles=args.tiles, slides_table_out=args.slides_table,
-            thumbnails_out=args.thumbnails, training=args.training, loss_curve_out=args.loss_curve,
-            samples=args.samples, sample_pairs_out=args.sample_pairs, large_images=args.large_images,
-            large_image_sheet_out=args.large_image_sheet, metrics=args.metrics,
-            metrics_table_out=args.metrics_table, embeddings_index=args.embeddings_index, summary_out=args.summary)
-    except ReportInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    written = build_assets(
+        dataset=args.dataset, tiles=args.tiles, slides_table_out=args.slides_table,
+        thumbnails_out=args.thumbnails, training=args.training, loss_curve_out=args.loss_curve,
+        samples=args.samples, sample_pairs_out=args.sample_pairs, large_images=args.large_images,
+        large_image_sheet_out=args.large_image_sheet, metrics=args.metrics,
+        metrics_table_out=args.metrics_table, embeddings_index=args.embeddings_index, summary_out=args.summary)
     print("\n".join(written))
     return 0
 
@@ -187,6 +167,10 @@ def _tile(args: argparse.Namespace) -> int:
     from pipeline.tiling.run import tile_dataset
 
     config, specs = load_config(args.config)
+    unknown = [name for name in args.dataset or () if name not in specs]
+    if unknown:
+        raise PipelineError(f"{args.config}: no dataset {', '.join(map(repr, unknown))} under `datasets:`; "
+                            f"it has {', '.join(specs)}")
     for name in args.dataset or specs:
         print(tile_dataset(specs[name], Path(args.output_dir or config["output_dir"]) / "tiles" / name))
     return 0
@@ -195,72 +179,92 @@ def _tile(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     config, specs = load_config(args.config)
     for spec in specs.values():
-        print(f"{spec.name}: {spec.kind}, {len(spec.inputs)} inputs, {spec.target_mpp:g} per px")
+        unit = "um/px" if spec.kind == "wsi" else "m/px"
+        print(f"{spec.name}: {spec.kind}, {len(spec.inputs)} inputs, {spec.target_mpp:g} {unit}")
     return 0
+
+
+def _encoders(args: argparse.Namespace) -> int:
+    from pipeline.embedding.encoders import ENCODERS
+
+    for spec in ENCODERS.values():
+        hub = f", hub_id {spec.hub_id}" if spec.hub_id else ""
+        print(f"{spec.name}: {spec.output_dim}-d, {spec.input_size} px input, weights {spec.weights_file}{hub}\n"
+              f"    {spec.description}")
+    return 0
+
+
+SETTINGS_HELP = "JSON of the config's `{table}:` table ('{{}}': every default, as in the schema)"
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser, table: str, out_help: str) -> None:
     """What both generating commands take: the model, the dataset's embeddings and spec, settings."""
-    p.add_argument("--model", required=True, help="an exported model folder (or a seed release folder)")
+    p.add_argument("--model", required=True, help="a pipeline export (model_index.json) or a LID release folder")
     p.add_argument("--embeddings", required=True, help="the dataset's embedding folder (index.parquet, inputs/)")
     p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json)")
-    p.add_argument("--settings", default="{}", help=f"JSON of the config's `{table}:` table")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table=table))
+    p.add_argument("--seed", type=int, default=schema_default("seed"), help="the config's top-level seed")
     p.add_argument("--out", required=True, help=out_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    config_help = "a workflow config (YAML); relative paths in it are relative to the working directory"
 
     p = sub.add_parser("validate-config", help="validate a workflow config and list its datasets")
-    p.add_argument("config")
+    p.add_argument("config", help=config_help)
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("encoders", help="list the SSL encoders of the registry (names for `encoders:`)")
+    p.set_defaults(func=_encoders)
 
     p = sub.add_parser("tile-input", help="tile one slide or GeoTIFF of a dataset")
     p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json)")
-    p.add_argument("--input-id", required=True)
+    p.add_argument("--input-id", required=True, help="which input of the spec")
     p.add_argument("--out", required=True, help="output folder, written atomically")
     p.set_defaults(func=_tile_input)
 
     p = sub.add_parser("tile-summary", help="gather per-input folders into the dataset status table and index")
-    p.add_argument("--status", required=True)
-    p.add_argument("--manifest", required=True)
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("--status", required=True, help="out: the dataset's status.tsv")
+    p.add_argument("--manifest", required=True, help="out: the dataset's manifest.parquet")
+    p.add_argument("inputs", nargs="+", help="per-input tiling folders")
     p.set_defaults(func=_tile_summary)
 
     p = sub.add_parser("embed-input", help="embed one tiled input with SSL encoders (resumable)")
     p.add_argument("--tiles", required=True, help="the input's tiling folder")
     p.add_argument("--out", required=True, help="output folder (shards, then manifest.parquet)")
     p.add_argument("--encoders", required=True,
-                   help='JSON {name: {"weights": path|null, "hub_id": id|null, "allow_random_weights": bool}}')
-    p.add_argument("--settings", default="{}", help='JSON {"batch_size", "num_workers", "device"}')
+                   help='JSON {name: entry of the config\'s `encoders:` table} of the encoders to run')
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="embedding"))
     p.set_defaults(func=_embed_input)
 
     p = sub.add_parser("embed-index", help="gather per-input embedding manifests into the dataset index")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="out: the dataset's index.parquet")
     p.add_argument("inputs", nargs="+", help="per-input manifest.parquet files")
     p.set_defaults(func=_embed_index)
 
     p = sub.add_parser("encode-latents", help="encode one embedded input with the first-stage autoencoder")
     p.add_argument("--embeddings", required=True, help="the input's embedding folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--autoencoder", required=True, help='JSON {"kind", "path", "preset", "allow_random_weights"}')
-    p.add_argument("--settings", default="{}", help='JSON {"batch_size", "num_workers", "device", "flips"}')
+    p.add_argument("--out", required=True, help="output folder (shards, then manifest.parquet)")
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="latents") + ", autoencoder included")
     p.set_defaults(func=_encode_latents)
 
     p = sub.add_parser("train", help="train (or continue) a latent diffusion model on latent shards")
     p.add_argument("--run", required=True, help="run folder: checkpoints/, logs; a re-run continues from last.ckpt")
     p.add_argument("--embedding-key", required=True, help="the encoder whose embeddings condition the model")
-    p.add_argument("--settings", default="{}", help="JSON of TrainConfig fields")
+    p.add_argument("--holdout-fraction", type=float, default=0.0,
+                   help="the dataset's holdout.fraction: patch keys never trained on")
+    p.add_argument("--seed", type=int, default=schema_default("seed"), help="the config's top-level seed")
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="training"))
     p.add_argument("--done", help="file written when training reached max_steps")
     p.add_argument("latents", nargs="+", help="per-input latent manifest.parquet files")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("export-model", help="export a run's last checkpoint as diffusers folders")
-    p.add_argument("--run", required=True)
-    p.add_argument("--autoencoder", required=True, help="JSON, as for encode-latents")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("export-model", help="export a run's last checkpoint as a diffusers pipeline folder")
+    p.add_argument("--run", required=True, help="the training run folder")
+    p.add_argument("--autoencoder", required=True, help="JSON of the config's `latents.autoencoder:` table")
+    p.add_argument("--out", required=True, help="the pipeline folder, written atomically")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even if an EMA exists")
     p.set_defaults(func=_export_model)
 
@@ -275,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="FID/KID and embedding similarity of generated patches and large images")
     p.add_argument("--samples", help="patch samples folder, OUT/samples/<dataset>")
     p.add_argument("--large-images", help="large-image folder, OUT/large_images/<dataset>")
-    p.add_argument("--settings", default="{}", help="JSON of the config's evaluation: table")
-    p.add_argument("--encoders", default="{}", help="JSON, as for embed-input (the encoders: table)")
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="evaluation"))
+    p.add_argument("--encoders", default="{}", help="JSON of the config's `encoders:` table")
     p.add_argument("--embedding-key", help="encoder that made the conditions, where the folders do not record it")
     p.add_argument("--out", required=True, help="the metrics.json file, written atomically")
     p.set_defaults(func=_evaluate)
@@ -299,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report_assets)
 
     p = sub.add_parser("tile", help="tile datasets without Snakemake (sequential)")
-    p.add_argument("config")
-    p.add_argument("--dataset", action="append")
+    p.add_argument("config", help=config_help)
+    p.add_argument("--dataset", action="append",
+                   help="a dataset of the config to tile (repeat for several; default: all of them)")
     p.add_argument("--output-dir", help="default: the config's output_dir")
     p.set_defaults(func=_tile)
     return parser
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 def is_input_error(exc: BaseException) -> bool:
     """The package's typed errors and missing files: their messages name the file and the reason,
     so a traceback would only hide them (set PIPELINE_TRACEBACK=1 to get one anyway)."""
-    return isinstance(exc, (ConfigError, FileNotFoundError)) or type(exc).__module__.startswith("pipeline.")
+    return isinstance(exc, (PipelineError, FileNotFoundError))
 
 
 if __name__ == "__main__":

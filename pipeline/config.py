@@ -11,18 +11,23 @@ import dataclasses
 import glob
 import json
 import re
+import typing
 import unicodedata
+import warnings
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import yaml
 
+from pipeline.errors import PipelineError
+
 SCHEMA_RESOURCE = "schemas/workflow_config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError):
     """The configuration is invalid; the message names the key and the reason."""
 
 
@@ -54,14 +59,89 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) if parts else "<top level>"
 
 
+# Values renamed when the upstream method got its own name (LID, Large-Image-Diffusion) instead of
+# "seed"; the old spellings are accepted, with a warning, for one release.
+RENAMED_VALUES: dict[tuple[str, ...], dict[str, str]] = {
+    ("latents", "autoencoder", "kind"): {"seed": "lid"},
+    ("training", "preset"): {"seed": "lid"},
+    ("large_image", "mode"): {"seed": "lid"},
+    ("large_image", "sampler"): {"seed_ddim": "lid_ddim"},
+}
+
+
+class RenamedValueWarning(FutureWarning):
+    """A config value in a spelling that is going away (shown by default, unlike DeprecationWarning)."""
+
+
+def renamed_value(path: tuple[str, ...], value: Any) -> Any:
+    """The current spelling of a config value at ``path`` (warning once per use of an old one)."""
+    new = RENAMED_VALUES.get(path, {}).get(value) if isinstance(value, str) else None
+    if new is None:
+        return value
+    warnings.warn(f"{'.'.join(path)}: {value!r} is deprecated and will be removed in the next release; "
+                  f"write {new!r}", RenamedValueWarning, stacklevel=3)
+    return new
+
+
+def apply_renamed_values(config: dict[str, Any]) -> None:
+    for path in RENAMED_VALUES:
+        table = config
+        for key in path[:-1]:
+            table = table.get(key) if isinstance(table, dict) else None
+        if isinstance(table, dict) and path[-1] in table:
+            table[path[-1]] = renamed_value(path, table[path[-1]])
+
+
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Validate ``config`` in place against the schema and fill defaults; return it."""
+    apply_renamed_values(config)
     validator = _validator_with_defaults(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  {_key_path(e)}: {e.message}" for e in errors]
         raise ConfigError("invalid workflow configuration:\n" + "\n".join(lines))
     return config
+
+
+def schema_default(*path: str) -> Any:
+    """The schema's default for the config key at ``path`` (e.g. ``schema_default("seed")``)."""
+    node = load_schema()
+    for key in path:
+        node = node["properties"][key]
+    return node["default"]
+
+
+Settings = TypeVar("Settings")
+
+
+def settings_from_table(cls: type[Settings], table: Mapping[str, Any], key: str, **derived: Any) -> Settings:
+    """A stage's settings dataclass from its validated config table, plus ``derived`` values that
+    the pipeline supplies (not config keys, e.g. the run seed).
+
+    Every key of the table must be a field (an unknown one is named); lists become tuples where
+    the field is a tuple and mappings become nested settings where the field is a dataclass, so
+    the JSON a rule passes round-trips. The dataclass's defaults are the schema's (a test checks
+    every stage), so a table without defaults filled in gives the same settings.
+    """
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"{key}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in {**table, **derived}.items():
+        hint = hints[name]
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(hint):
+            value = settings_from_table(hint, value, f"{key}.{name}")
+        elif isinstance(value, list) and (hint is tuple or typing.get_origin(hint) is tuple):
+            value = tuple(value)
+        values[name] = value
+    try:
+        return cls(**values)
+    except PipelineError:  # typed: its message already names the setting
+        raise
+    except ValueError as exc:  # the dataclass's own checks: say which table they are about
+        raise ConfigError(f"{key}: {exc}") from exc
 
 
 MAGNIFICATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)[xX]$")

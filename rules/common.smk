@@ -37,9 +37,3 @@ def encoder_settings_json(dataset):
     """Weights settings of the encoders one dataset uses, as JSON for the embed command."""
     names = DATASETS[dataset].encoders
     return json.dumps({name: config["encoders"][name] for name in names}, sort_keys=True)
-
-
-def training_settings_json(dataset):
-    """The `training:` table plus the dataset's key-level holdout, as JSON for the train command."""
-    settings = {"holdout_fraction": DATASETS[dataset].holdout_fraction, **config["training"]}
-    return json.dumps(settings, sort_keys=True)

@@ -11,8 +11,7 @@ rule latents_input:
         pipeline=PIPELINE,
         embeddings=lambda w, input: str(Path(input.embeddings).parent),
         out_dir=lambda w, output: str(Path(output[0]).parent),
-        autoencoder=json.dumps(config["latents"]["autoencoder"], sort_keys=True),
-        settings=json.dumps({k: v for k, v in config["latents"].items() if k != "autoencoder"}, sort_keys=True),
+        settings=json.dumps(config["latents"], sort_keys=True),
     log:
         f"{OUT}/logs/latents/{{dataset}}/{{input_id}}.log",
     conda:
@@ -24,7 +23,7 @@ rule latents_input:
         gpu=1,
     shell:
         "{params.pipeline} encode-latents --embeddings {params.embeddings:q} --out {params.out_dir:q} "
-        "--autoencoder {params.autoencoder:q} --settings {params.settings:q} > {log:q} 2>&1"
+        "--settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule latents:

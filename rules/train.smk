@@ -16,7 +16,9 @@ rule train_dataset:
         pipeline=PIPELINE,
         run=lambda w, output: str(Path(output[0]).parent),
         embedding_key=lambda w: DATASETS[w.dataset].encoders[0],
-        settings=lambda w: training_settings_json(w.dataset),
+        holdout_fraction=lambda w: DATASETS[w.dataset].holdout_fraction,
+        settings=json.dumps(config["training"], sort_keys=True),
+        seed=config["seed"],
     log:
         f"{OUT}/logs/train/{{dataset}}.log",
     conda:
@@ -25,10 +27,11 @@ rule train_dataset:
     resources:
         mem_mb=64000,
         runtime=2880,
-        gpu=config["training"].get("devices", 1),
+        gpu=config["training"]["devices"],
     shell:
         "OMP_NUM_THREADS={threads} {params.pipeline} train --run {params.run:q} --embedding-key {params.embedding_key:q} "
-        "--settings {params.settings:q} --done {output:q} {input:q} > {log:q} 2>&1"
+        "--holdout-fraction {params.holdout_fraction} --seed {params.seed} --settings {params.settings:q} "
+        "--done {output:q} {input:q} > {log:q} 2>&1"
 
 
 rule export_model:

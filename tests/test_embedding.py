@@ -11,12 +11,12 @@ import torch
 
 from helpers import DEMO_SLIDE, decode, make_spec, read_shards, run_pipeline, run_pipeline_killed
 from pipeline.embedding.encoders import build_encoder
-from pipeline.embedding.extract import RunSettings, embed_input, write_dataset_index
+from pipeline.embedding.extract import EmbeddingSettings, embed_input, write_dataset_index
 from pipeline.io.shards import decode_npy
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source
 
-SETTINGS = RunSettings(batch_size=8, num_workers=0, device="cpu")
+SETTINGS = EmbeddingSettings(batch_size=8, num_workers=0, device="cpu")
 
 
 def keep_shards(tiles, folder, count):

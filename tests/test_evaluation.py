@@ -19,7 +19,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from pipeline import cli
-from pipeline.embedding.extract import RunSettings, embed_images
+from pipeline.embedding.extract import EmbeddingSettings, embed_images
+from pipeline.config import ConfigError
 from pipeline.evaluation import EvaluationError, EvaluationSettings, InceptionWeightsMissing, evaluate
 from pipeline.evaluation import run as evaluation_run
 from pipeline.evaluation.distances import features_frechet_distance, gaussian_stats, kernel_distance
@@ -59,7 +60,7 @@ def noisy(image: np.ndarray, rng: np.random.Generator, sigma: float = 25) -> np.
 def embed(encoder, images: list[np.ndarray]) -> np.ndarray:
     """The conditions the sampling stage would have used: the embed stage's own function."""
     tensors = [torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in images]
-    vectors = embed_images([encoder], tensors, RunSettings(batch_size=8, num_workers=0, device="cpu"))
+    vectors = embed_images([encoder], tensors, EmbeddingSettings(batch_size=8, num_workers=0, device="cpu"))
     return vectors[encoder.spec.name].astype(np.float32)
 
 
@@ -338,7 +339,7 @@ def test_bad_inputs_are_reported_with_the_file_and_reason(evaluated, tmp_path):
     with pytest.raises(EvaluationError, match=f"{small}: 300x300 px is smaller than the 2x2 grid"):
         evaluate(tmp_path / "m.json", settings, ENCODERS, large_images=large)
 
-    with pytest.raises(EvaluationError, match="unknown key.*feature_extractr"):
+    with pytest.raises(ConfigError, match="evaluation: unknown setting.*feature_extractr"):
         EvaluationSettings.from_dict({"feature_extractr": "inception"})
     with pytest.raises(EvaluationError, match="'vgg16' is not one of inception, clip, hipt_vit_s16"):
         EvaluationSettings(feature_extractor="vgg16")

@@ -23,7 +23,8 @@ from helpers import SHARED_DATA, make_spec
 from pipeline.embedding.checkpoints import CheckpointError
 from pipeline.embedding.encoders import build_encoder
 from pipeline.io.shards import encode_npy, read_shard, write_shard
-from pipeline.latents import EncodeSettings, encode_input, random_vq
+from pipeline.latents import EncodeSettings, encode_input
+from pipeline.models.autoencoder import random_vq
 from pipeline.tiling.aerial import open_aerial_source
 from pipeline.tiling.outputs import tile_input
 from pipeline.training import TrainConfig, train

@@ -1,6 +1,6 @@
-"""The large-image sampler against the seed's own large-image outputs (golden.npz), plus fast mode.
+"""The large-image sampler against LID's own large-image outputs (golden.npz), plus fast mode.
 
-The fixture's README says how the seed computed every pano_* array. The full 50-step trajectory
+The fixture's README says how LID computed every pano_* array. The full 50-step trajectory
 is in test_large_image_slow.py (marked slow).
 """
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import load_seed_checkpoint
+from pipeline.models import load_lid_release
 from pipeline.sampling import (
     FAST_MODE,
-    SEED_MODE,
+    LID_MODE,
     LargeImageConfig,
     LargeImageSampler,
     decoded_bands,
@@ -27,20 +27,21 @@ from pipeline.sampling import (
 )
 from pipeline.sampling.conditions import slerp, window_embeddings
 from pipeline.sampling.decode import blended_bands
-from pipeline.sampling.fusion import WindowFusion, guided_epsilon
+from pipeline.models.guidance import guided_epsilon
+from pipeline.sampling.fusion import WindowFusion
 from pipeline.sampling.weights import gaussian_window_weights, hann_window_weights, window_weights
 from pipeline.sampling.seams import boundary_gradient_ratio
-from pipeline.sampling.steppers import DiffusersStepper, SeedDDIMStepper
+from pipeline.sampling.steppers import DiffusersStepper, LidDDIMStepper
 from pipeline.sampling.windows import WindowLayout, window_offsets
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed_ldm_tiny"
 
 
 @pytest.fixture(scope="module")
-def seed():
+def lid():
     if not (FIXTURE / "golden.npz").is_file():
-        pytest.fail(f"seed fixture missing: expected {FIXTURE} (../shared next to the repo)")
-    return load_seed_checkpoint(FIXTURE)
+        pytest.fail(f"LID fixture missing: expected {FIXTURE} (../shared next to the repo)")
+    return load_lid_release(FIXTURE)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ def golden() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def seed_sampler(seed, golden) -> LargeImageSampler:
-    return LargeImageSampler(seed, golden["pano_grid"].reshape(4, 4, -1), SEED_MODE.with_(window_batch=64))
+def lid_sampler(lid, golden) -> LargeImageSampler:
+    return LargeImageSampler(lid, golden["pano_grid"].reshape(4, 4, -1), LID_MODE.with_(window_batch=64))
 
 
 def max_abs(ours: torch.Tensor, expected: np.ndarray) -> float:
@@ -63,7 +64,7 @@ def max_abs(ours: torch.Tensor, expected: np.ndarray) -> float:
 
 
 def test_window_offsets_cover_the_canvas():
-    assert window_offsets(256, 64, 16) == list(range(0, 193, 16))  # the seed's 13 per axis
+    assert window_offsets(256, 64, 16) == list(range(0, 193, 16))  # LID's 13 per axis
     assert window_offsets(256, 64, 40) == [0, 40, 80, 120, 160, 192]  # last one flush with the edge
     layout = WindowLayout(128, 256, 64, 32)
     assert len(layout) == 3 * 7 and layout.origins[:2] == [(0, 0), (0, 32)]  # row-major
@@ -90,19 +91,19 @@ def test_window_embeddings_hit_grid_cells_and_padding():
     torch.testing.assert_close(embeddings[3], grid[1, 2])
 
 
-def test_window_conditions_match_seed(seed_sampler, golden):
-    assert len(seed_sampler.layout) == 169
-    contexts = seed_sampler.fusion.contexts
+def test_window_conditions_match_lid(lid_sampler, golden):
+    assert len(lid_sampler.layout) == 169
+    contexts = lid_sampler.fusion.contexts
     assert contexts.shape == (169, 1, 64)
     assert max_abs(contexts[:, 0], golden["pano_window_context"]) <= 1e-5
 
 
-def test_guidance_forms_agree():
+def test_guidance_is_standard_and_bit_identical_to_lids_form():
     conditional, unconditional = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(
-        guided_epsilon(conditional, unconditional, 3.0, "seed"),
-        guided_epsilon(conditional, unconditional, 4.0, "standard"),
-    )
+    # LID's large-image code: (1 + g) c - g u with g = 3, which is s = 4 of u + s (c - u).
+    assert torch.equal(guided_epsilon(conditional, unconditional, 4.0), (1 + 3.0) * conditional - 3.0 * unconditional)
+    torch.testing.assert_close(guided_epsilon(conditional, unconditional, 4.0),
+                               unconditional + 4.0 * (conditional - unconditional))
 
 
 def test_config_rejects_nonsense():
@@ -111,15 +112,15 @@ def test_config_rejects_nonsense():
     with pytest.raises(ValueError, match="exceeds the window"):
         LargeImageConfig(stride=80)
     with pytest.raises(ValueError, match="dividing"):
-        SeedDDIMStepper(np.linspace(1e-3, 2e-2, 1000), steps=30, eta=1.0)
+        LidDDIMStepper(np.linspace(1e-3, 2e-2, 1000), steps=30, eta=1.0)
 
 
 # --- steps ------------------------------------------------------------------------------------------
 
 
-def test_seed_stepper_draw_order_and_final_x0(golden):
+def test_lid_stepper_draw_order_and_final_x0(golden):
     """Draws: L, eps0, then one per step but the last; the last step returns x0."""
-    stepper = SeedDDIMStepper(golden["betas"], steps=50, eta=1.0)
+    stepper = LidDDIMStepper(golden["betas"], steps=50, eta=1.0)
     assert stepper.timesteps[:2] == [1000, 980] and stepper.timesteps[-1] == 20
     shape = (1, 3, 8, 8)
     generator = torch.Generator().manual_seed(5)
@@ -134,8 +135,8 @@ def test_seed_stepper_draw_order_and_final_x0(golden):
     assert [tuple(s) for s in golden["pano_noise_shapes"]] == [(1, 3, 256, 256)] * 51
 
 
-def test_ddim_stepper_takes_x0_as_its_prediction(seed):
-    stepper = DiffusersStepper("ddim", seed.scheduler_config, steps=10, eta=0.0, spacing="trailing")
+def test_ddim_stepper_takes_x0_as_its_prediction(lid):
+    stepper = DiffusersStepper("ddim", lid.scheduler_config, steps=10, eta=0.0, spacing="trailing")
     assert stepper.timesteps[0] == 999
     t, t_prev = stepper.timesteps[:2]
     canvas, x0 = torch.randn(2, 1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -145,19 +146,19 @@ def test_ddim_stepper_takes_x0_as_its_prediction(seed):
     torch.testing.assert_close(stepper.step(t, canvas, x0, torch.Generator()), expected)
 
 
-def test_start_and_first_step_match_seed(seed_sampler, golden):
+def test_start_and_first_step_match_lid(lid_sampler, golden):
     """One step of all 169 windows, conditional and unconditional: 338 UNet evaluations."""
-    trajectory = seed_sampler.trajectory()
+    trajectory = lid_sampler.trajectory()
     assert max_abs(next(trajectory), golden["pano_x_start"]) <= 1e-5
-    evaluations = seed_sampler.fusion.evaluations
+    evaluations = lid_sampler.fusion.evaluations
     assert max_abs(next(trajectory), golden["pano_x_after_step1"]) <= 1e-4
-    assert seed_sampler.fusion.evaluations - evaluations == 169 * 2
+    assert lid_sampler.fusion.evaluations - evaluations == 169 * 2
 
 
 # --- decoding ---------------------------------------------------------------------------------------
 
 
-def test_gaussian_weights_are_the_seed_kernel():
+def test_gaussian_weights_are_lids_kernel():
     weights = gaussian_window_weights(256, 0.8)
     axis = torch.linspace(-1, 1, 256)
     corner = math.exp(-2 / 0.64) / math.exp(-2 * float(axis[128]) ** 2 / 0.64)
@@ -187,12 +188,12 @@ def test_streamed_bands_equal_a_whole_canvas_blend(kind):
     assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1  # summation order only
 
 
-def test_blended_decode_matches_seed(seed, golden):
-    """Output rows 0-127 of the seed's pano_image, from the 26 window decodes that cover them
+def test_blended_decode_matches_lid(lid, golden):
+    """Output rows 0-127 of LID's pano_image, from the 26 window decodes that cover them
     (the stream stops there; rows 64-127 blend two window rows, every column blends up to four)."""
     latent = torch.from_numpy(golden["pano_latent"])
     rows = []
-    for top, band in decoded_bands(seed, latent, SEED_MODE.with_(decode_batch=13)):
+    for top, band in decoded_bands(lid, latent, LID_MODE.with_(decode_batch=13)):
         rows.append(band)
         if top + len(band) >= 128:
             break
@@ -205,11 +206,11 @@ def test_blended_decode_matches_seed(seed, golden):
 # --- fast mode and seams ----------------------------------------------------------------------------
 
 
-def test_fast_mode_is_deterministic_and_counts_evaluations(seed):
+def test_fast_mode_is_deterministic_and_counts_evaluations(lid):
     grid = torch.randn(2, 2, 384, generator=torch.Generator().manual_seed(7))
     config = FAST_MODE.with_(steps=2, window_batch=16, decode_stride=64, seed=11)
-    first = generate_large_image(seed, grid, config)
-    second = generate_large_image(seed, grid, config, decode=False)
+    first = generate_large_image(lid, grid, config)
+    second = generate_large_image(lid, grid, config, decode=False)
     assert torch.equal(first.latent, second.latent)
     windows = 3 * 3  # 128-latent canvas, stride 32
     assert first.stats.windows == windows and first.stats.steps == 2
@@ -248,7 +249,7 @@ def test_fusion_is_a_weighted_mean_that_keeps_agreeing_windows(weights, shift):
     """Where all windows agree, any positive weighting and any shift returns their common x0."""
     layout = WindowLayout(48, 64, 16, 8, row_shift=shift[0], column_shift=shift[1])
     fusion = WindowFusion(ZeroNoiseUNet(), layout, torch.zeros(len(layout), 1, 4), torch.zeros(1, 1, 4),
-                          guidance_scale=1.0, guidance_form="standard", window_batch=5, window_weights=weights)
+                          guidance_scale=1.0, window_batch=5, window_weights=weights)
     canvas = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(fusion.predict_x0(canvas, 500.0, 0.25), canvas / 0.5)
 
@@ -264,7 +265,7 @@ def test_hann_weights_cross_fade_to_one_at_half_window_stride():
     torch.testing.assert_close(total[32:-32, 32:-32], torch.ones(192, 192))
 
 
-def test_shifted_windows_cover_the_canvas_and_move_every_step(seed):
+def test_shifted_windows_cover_the_canvas_and_move_every_step(lid):
     from pipeline.sampling.windows import max_shift
 
     for size, window, stride in ((256, 64, 32), (64, 16, 8), (100, 16, 12)):
@@ -277,14 +278,14 @@ def test_shifted_windows_cover_the_canvas_and_move_every_step(seed):
     with pytest.raises(ValueError, match="shift 40"):
         window_offsets(256, 64, 32, 40)
     grid = torch.randn(2, 2, 384, generator=torch.Generator().manual_seed(7))
-    sampler = LargeImageSampler(seed, grid, FAST_MODE.with_(shift_windows=True, seed=3))
+    sampler = LargeImageSampler(lid, grid, FAST_MODE.with_(shift_windows=True, seed=3))
     layouts = sampler.shifted_layouts()
     shifts = [(layout.row_shift, layout.column_shift) for layout in (next(layouts) for _ in range(6))]
-    again = LargeImageSampler(seed, grid, FAST_MODE.with_(shift_windows=True, seed=3)).shifted_layouts()
+    again = LargeImageSampler(lid, grid, FAST_MODE.with_(shift_windows=True, seed=3)).shifted_layouts()
     assert shifts == [(layout.row_shift, layout.column_shift) for layout in (next(again) for _ in range(6))]
     assert len(set(shifts)) > 1 and all(0 <= s <= 31 for pair in shifts for s in pair)
 
 
 def test_seam_score_of_one_window_is_one():
     image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
-    assert large_image_seam_score(image, (1, 3, 64, 64), SEED_MODE, factor=4) == 1.0
+    assert large_image_seam_score(image, (1, 3, 64, 64), LID_MODE, factor=4) == 1.0

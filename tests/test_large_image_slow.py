@@ -1,4 +1,4 @@
-"""The seed's full 50-step large-image run, reproduced from its checkpoint (~17,000 UNet evaluations).
+"""LID's full 50-step large-image run, reproduced from its checkpoint (~17,000 UNet evaluations).
 
 Run with `pytest -m slow tests/test_large_image_slow.py`; see tests/test_large_image.py for the
 fast checks and the fixture's README for how golden.npz was made.
@@ -12,25 +12,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.models import load_seed_checkpoint
-from pipeline.sampling import SEED_MODE, LargeImageSampler, decode_canvas
+from pipeline.models import load_lid_release
+from pipeline.sampling import LID_MODE, LargeImageSampler, decode_canvas
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed_ldm_tiny"
 
 
 @pytest.mark.slow
-def test_seed_mode_trajectory_and_decode_match_seed():
+def test_lid_mode_trajectory_and_decode_match_lid():
     if not (FIXTURE / "golden.npz").is_file():
-        pytest.fail(f"seed fixture missing: expected {FIXTURE}")
+        pytest.fail(f"LID fixture missing: expected {FIXTURE}")
     with np.load(FIXTURE / "golden.npz") as data:
         golden = {name: data[name] for name in ("pano_grid", "pano_latent", "pano_image")}
-    model = load_seed_checkpoint(FIXTURE)
-    config = SEED_MODE.with_(window_batch=64)
+    model = load_lid_release(FIXTURE)
+    config = LID_MODE.with_(window_batch=64)
     sampler = LargeImageSampler(model, golden["pano_grid"].reshape(4, 4, -1), config)
 
     started = time.perf_counter()
     latent, stats = sampler.sample()
-    print(f"\nseed mode, k=4: {stats.unet_evaluations} UNet evaluations in {stats.seconds:.0f} s")
+    print(f"\nlid mode, k=4: {stats.unet_evaluations} UNet evaluations in {stats.seconds:.0f} s")
     assert stats.unet_evaluations == 169 * 2 * 50
     latent_error = float(np.abs(latent.numpy().astype(np.float64) - golden["pano_latent"]).max())
     print(f"pano_latent max abs diff {latent_error:.3g}")

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 from pipeline.io.shards import decode_npy, encode_image, encode_json, encode_npy, read_shard, write_shard
-from pipeline.latents import EncodeSettings, encode_input, flip_equivariance_error, random_vq
-from pipeline.latents.autoencoder import RandomWeightsError, vq_from_seed_folder
+from pipeline.latents import EncodeSettings, encode_input, flip_equivariance_error
+from pipeline.models.autoencoder import random_vq
+from pipeline.models.autoencoder import RandomWeightsError, vq_from_lid_release
 from pipeline.latents.encode import FLIPS, apply_flip, latent_field
 
 PATCHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "he_patches_256"
@@ -184,8 +185,8 @@ def test_flip_equivariance_is_measured(autoencoder):
 def test_seed_folder_first_stage_encodes_to_f4_latents():
     """The seed loader's converter gives the first stage (only its tensors are converted)."""
     if not (SEED_FIXTURE / "checkpoints" / "last.ckpt").is_file():
-        pytest.fail(f"seed fixture missing: {SEED_FIXTURE}")
-    vq = vq_from_seed_folder(SEED_FIXTURE)
+        pytest.fail(f"LID fixture missing: {SEED_FIXTURE}")
+    vq = vq_from_lid_release(SEED_FIXTURE)
     assert vq.kind == "vq" and not vq.random_weights and vq.scaling_factor == 1.0
     with np.load(SEED_FIXTURE / "golden.npz") as golden:
         latents = vq.encode(torch.from_numpy(golden["vq_img"]))
@@ -197,7 +198,7 @@ def test_kl_autoencoder_from_local_folder_and_safetensors(tmp_path):
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    from pipeline.latents.autoencoder import kl_from_local, load_autoencoder
+    from pipeline.models.autoencoder import kl_from_local, load_autoencoder
 
     kwargs = {"block_out_channels": (8, 16), "down_block_types": ("DownEncoderBlock2D",) * 2,
               "up_block_types": ("UpDecoderBlock2D",) * 2, "latent_channels": 4, "norm_num_groups": 4,

@@ -280,7 +280,7 @@ def test_workflow_description_lists_datasets_and_flags_the_demo():
     html = render_rst(REPO / "report" / "workflow.rst", type("S", (), {"config": config}))
     assert "demo_he_20x" in html and "Demo run: random weights" in html
     config["encoders"]["hipt_vit_s16"]["weights"] = "/models/vit256_small_dino.pth"
-    config["latents"]["autoencoder"] = {"kind": "seed", "path": "/models/seed"}
+    config["latents"]["autoencoder"] = {"kind": "lid", "path": "/models/lid"}
     assert "Demo run" not in render_rst(REPO / "report" / "workflow.rst", type("S", (), {"config": config}))
 
 
@@ -290,7 +290,7 @@ def test_random_weight_models_from_the_config():
         "the conditioning encoder hipt_vit_s16, the first-stage autoencoder, "
         "the evaluation's feature extractor hipt_vit_s16")
     config["encoders"]["hipt_vit_s16"] = {"weights": "/models/vit256_small_dino.pth"}
-    config["latents"]["autoencoder"] = {"kind": "seed", "path": "/models/seed"}
+    config["latents"]["autoencoder"] = {"kind": "lid", "path": "/models/lid"}
     assert random_weight_models(config, ["hipt_vit_s16"]) == ""
     config["evaluation"]["feature_extractor"] = "inception"
     config["encoders"]["phikon"] = {"weights": None, "allow_random_weights": True}

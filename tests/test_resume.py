@@ -16,7 +16,8 @@ import torch
 
 from helpers import run_pipeline, run_pipeline_killed
 from pipeline.cli import training_config
-from pipeline.latents import EncodeSettings, encode_input, random_vq
+from pipeline.latents import EncodeSettings, encode_input
+from pipeline.models.autoencoder import random_vq
 from pipeline.training import train
 from test_latents import make_embedding_input, real_patches
 
@@ -24,7 +25,8 @@ AUTOENCODER = {"kind": "random", "preset": "tiny-vq-f16", "allow_random_weights"
 ENCODE_SETTINGS = {"batch_size": 4, "num_workers": 0, "device": "cpu", "flips": "all"}
 TRAIN_SETTINGS = {"preset": "small", "latent_size": 16, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 5,
                   "max_steps": 12, "checkpoint_every": 4, "log_every": 1, "num_workers": 0, "ema_decay": 0.99,
-                  "seed": 3, "accelerator": "cpu"}
+                  "accelerator": "cpu"}
+RUN_SEED = 3
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")  # as the CLI runs: OMP_NUM_THREADS=1
 
@@ -39,7 +41,7 @@ def embedded(tmp_path_factory) -> Path:
 
 def encode_latents_args(embeddings: Path, out: Path) -> list[str]:
     return ["encode-latents", "--embeddings", str(embeddings), "--out", str(out),
-            "--autoencoder", json.dumps(AUTOENCODER), "--settings", json.dumps(ENCODE_SETTINGS)]
+            "--settings", json.dumps({**ENCODE_SETTINGS, "autoencoder": AUTOENCODER})]
 
 
 def test_killed_latents_run_resumes_to_identical_bytes(embedded, latent_manifest, tmp_path):
@@ -64,8 +66,8 @@ def latent_manifest(embedded, tmp_path_factory) -> Path:
 
 
 def train_args(run: Path, latents: Path) -> list[str]:
-    return ["train", "--run", str(run), "--embedding-key", "hipt_vit_s16", "--settings", json.dumps(TRAIN_SETTINGS),
-            "--done", str(run / "done.json"), str(latents)]
+    return ["train", "--run", str(run), "--embedding-key", "hipt_vit_s16", "--seed", str(RUN_SEED),
+            "--settings", json.dumps(TRAIN_SETTINGS), "--done", str(run / "done.json"), str(latents)]
 
 
 def logged_losses(run: Path, version: int) -> dict[int, float]:
@@ -79,7 +81,8 @@ def logged_losses(run: Path, version: int) -> dict[int, float]:
 def uninterrupted_run(latent_manifest, tmp_path_factory) -> Path:
     """The reference, in this process: the CLI builds the same TrainConfig from the same settings."""
     run = tmp_path_factory.mktemp("uninterrupted")
-    train(training_config(TRAIN_SETTINGS, "hipt_vit_s16"), [latent_manifest.parent], run, enable_progress_bar=False)
+    train(training_config(TRAIN_SETTINGS, "hipt_vit_s16", seed=RUN_SEED), [latent_manifest.parent], run,
+          enable_progress_bar=False)
     return run
 
 

@@ -16,12 +16,12 @@ from PIL import Image
 from helpers import SHARED_DATA
 from pipeline.embedding.extract import write_dataset_index
 from pipeline.io.shards import decode_image, decode_npy, encode_image, encode_json, encode_npy, write_shard
-from pipeline.latents import random_vq
-from pipeline.models import load_seed_checkpoint
-from pipeline.sampling.model import DiffusionModel, as_diffusion_model, load_diffusion_model
+from pipeline.models.autoencoder import random_vq
+from pipeline.models import RLDiffPipeline, load_lid_release, load_pipeline
 from pipeline.sampling.patches import PatchSampler, PatchSamplingConfig, patch_generator
 from pipeline.sampling.references import find_regions, held_out_rows
-from pipeline.sampling.stage import generate_large_images, large_image_config, sample_patches
+from pipeline.sampling.config import LargeImageSettings, large_image_config
+from pipeline.sampling.stage import generate_large_images, sample_patches
 from pipeline.splits import is_held_out, key_position
 from pipeline.training import TrainConfig
 from pipeline.training.export import export_module
@@ -35,11 +35,11 @@ pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 @pytest.fixture(scope="module")
-def seed_model() -> DiffusionModel:
-    return as_diffusion_model(load_seed_checkpoint(FIXTURE))
+def lid_model() -> RLDiffPipeline:
+    return load_lid_release(FIXTURE)
 
 
-def fixture_embeddings(model: DiffusionModel, count: int) -> torch.Tensor:
+def fixture_embeddings(model: RLDiffPipeline, count: int) -> torch.Tensor:
     with np.load(FIXTURE / "golden.npz") as golden:
         grid = golden["pano_grid"].reshape(-1, model.embedding_dim)
     return torch.from_numpy(grid[:count].astype(np.float32))
@@ -48,24 +48,25 @@ def fixture_embeddings(model: DiffusionModel, count: int) -> torch.Tensor:
 # --- patch sampler -------------------------------------------------------------------------------
 
 
-def test_ddim_patches_follow_the_closed_form_with_guidance(seed_model):
+def test_ddim_patches_follow_the_closed_form_with_guidance(lid_model):
     """diffusers' DDIM, batched cond/uncond, against DDIM written out with two separate UNet calls."""
     config = PatchSamplingConfig(sampler="ddim", steps=4, guidance_scale=2.0, seed=5)
-    embeddings = fixture_embeddings(seed_model, 2)
-    ours, evaluations = PatchSampler(seed_model, config).sample_latents(embeddings)
+    embeddings = fixture_embeddings(lid_model, 2)
+    output = PatchSampler(lid_model, config).sample(embeddings, output_type="latent")
+    ours, evaluations = output.latents, output.unet_evaluations
     assert evaluations == 4 * 2 * 2  # steps x patches x (conditional + unconditional)
 
-    alpha_bar = np.cumprod(1 - seed_model.betas)
+    alpha_bar = np.cumprod(1 - lid_model.training_betas)
     timesteps = [751, 501, 251, 1]  # CompVis' uniform DDIM timesteps for 4 steps
-    shape = (seed_model.latent_channels, seed_model.latent_size, seed_model.latent_size)
+    shape = (lid_model.latent_channels, lid_model.latent_size, lid_model.latent_size)
     x = torch.stack([torch.randn(shape, generator=patch_generator(5, i)) for i in range(2)]).double()
     with torch.no_grad():
-        context = seed_model.condition(embeddings)
-        null = seed_model.condition(torch.zeros_like(embeddings))
+        context = lid_model.condition(embeddings)
+        null = lid_model.condition(torch.zeros_like(embeddings))
         for index, t in enumerate(timesteps):
             step = torch.full((2,), t)
-            eps_c = seed_model.unet(x.float(), step, encoder_hidden_states=context).sample.double()
-            eps_u = seed_model.unet(x.float(), step, encoder_hidden_states=null).sample.double()
+            eps_c = lid_model.unet(x.float(), step, encoder_hidden_states=context).sample.double()
+            eps_u = lid_model.unet(x.float(), step, encoder_hidden_states=null).sample.double()
             eps = eps_u + 2.0 * (eps_c - eps_u)
             x0 = (x - np.sqrt(1 - alpha_bar[t]) * eps) / np.sqrt(alpha_bar[t])
             prev = alpha_bar[timesteps[index + 1]] if index + 1 < len(timesteps) else alpha_bar[0]
@@ -73,22 +74,25 @@ def test_ddim_patches_follow_the_closed_form_with_guidance(seed_model):
     torch.testing.assert_close(ours.double(), x, atol=2e-4, rtol=1e-4)
 
 
-def test_patches_do_not_depend_on_batching_and_repeat(seed_model):
-    embeddings = fixture_embeddings(seed_model, 3)
+def test_patches_do_not_depend_on_batching_and_repeat(lid_model):
+    embeddings = fixture_embeddings(lid_model, 3)
     config = PatchSamplingConfig(sampler="dpmsolver++", steps=3, seed=1)
-    together, _ = PatchSampler(seed_model, config.with_(batch_size=3)).sample_latents(embeddings)
-    alone = torch.cat([PatchSampler(seed_model, config).sample_latents(embeddings[i : i + 1], i)[0] for i in range(3)])
+    def latents(sampler_config, rows, first=0):
+        return PatchSampler(lid_model, sampler_config).sample(rows, first, output_type="latent").latents
+
+    together = latents(config.with_(batch_size=3), embeddings)
+    alone = torch.cat([latents(config, embeddings[i : i + 1], i) for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
-    again, _ = PatchSampler(seed_model, config.with_(batch_size=3)).sample_latents(embeddings)
+    again = latents(config.with_(batch_size=3), embeddings)
     assert torch.equal(together, again)
-    other_seed, _ = PatchSampler(seed_model, config.with_(batch_size=3, seed=2)).sample_latents(embeddings)
+    other_seed = latents(config.with_(batch_size=3, seed=2), embeddings)
     assert not torch.allclose(together, other_seed)
 
 
 @pytest.mark.parametrize("sampler, eta", [("plms", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0)])
-def test_every_sampler_gives_decoded_patches(seed_model, sampler, eta):
+def test_every_sampler_gives_decoded_patches(lid_model, sampler, eta):
     config = PatchSamplingConfig(sampler=sampler, steps=2, eta=eta, guidance_scale=1.0, batch_size=2)
-    batches = list(PatchSampler(seed_model, config).batches(fixture_embeddings(seed_model, 2)))
+    batches = list(PatchSampler(lid_model, config).batches(fixture_embeddings(lid_model, 2)))
     assert len(batches) == 1
     images = batches[0].images
     assert images.shape == (2, 256, 256, 3) and images.dtype == np.uint8
@@ -98,13 +102,13 @@ def test_every_sampler_gives_decoded_patches(seed_model, sampler, eta):
     assert batches[0].unet_evaluations == (2 + extra) * 2
 
 
-def test_sampler_settings_are_checked(seed_model):
+def test_sampler_settings_are_checked(lid_model):
     with pytest.raises(ValueError, match="sampler 'euler'"):
         PatchSamplingConfig(sampler="euler")
     with pytest.raises(ValueError, match="eta is a DDIM setting"):
         PatchSamplingConfig(sampler="plms", eta=0.5)
     with pytest.raises(ValueError, match=r"takes \(384,\) vectors"):
-        next(PatchSampler(seed_model, PatchSamplingConfig(steps=1)).batches(np.zeros((2, 7), np.float32)))
+        next(PatchSampler(lid_model, PatchSamplingConfig(steps=1)).batches(np.zeros((2, 7), np.float32)))
 
 
 # --- held-out split and regions ------------------------------------------------------------------
@@ -190,10 +194,9 @@ def stage_inputs(tmp_path_factory):
 
 def test_sample_stage_conditions_on_held_out_patches(stage_inputs, tmp_path):
     root, _, samples = stage_inputs
-    config = PatchSamplingConfig(sampler="ddim", steps=3, batch_size=2)
+    config = PatchSamplingConfig(sampler="ddim", steps=3, batch_size=2, max_samples=100, device="cpu")
     manifest = sample_patches(root / "model", root / "embeddings", tmp_path / "samples", dataset="test", mpp=0.5,
-                              holdout_inputs=(), holdout_fraction=0.5, config=config, max_samples=100,
-                              device=torch.device("cpu"))
+                              holdout_inputs=(), holdout_fraction=0.5, config=config)
     expected = [k for k in pd.read_parquet(root / "embeddings" / "index.parquet").key if is_held_out(k, 0.5)]
     assert list(manifest.key) == expected and len(expected) > 1
     out = tmp_path / "samples"
@@ -214,8 +217,8 @@ def test_sample_stage_conditions_on_held_out_patches(stage_inputs, tmp_path):
 def test_large_image_stage_writes_png_and_openslide_tiff(stage_inputs, tmp_path):
     root, image, samples = stage_inputs
     out = tmp_path / "large"
-    arguments = dict(dataset="test", kind="wsi", mpp=0.5, holdout_inputs=(), k=3, count=2, mode="fast",
-                     overrides={"steps": 4}, seed=11, device=torch.device("cpu"))
+    settings = LargeImageSettings(k=3, regions=2, mode="fast", steps=4, device="cpu")
+    arguments = dict(dataset="test", kind="wsi", mpp=0.5, holdout_inputs=(), settings=settings, seed=11)
     manifest = generate_large_images(root / "model", root / "embeddings", out, **arguments)
     assert len(manifest) == 1  # one 3x3 block exists
     row = manifest.iloc[0]
@@ -251,7 +254,7 @@ def test_large_image_stage_writes_png_and_openslide_tiff(stage_inputs, tmp_path)
 
 
 def test_modes_scale_to_the_model_window():
-    assert large_image_config("seed", 64).stride == 16 and large_image_config("fast", 64).stride == 32
+    assert large_image_config("lid", 64).stride == 16 and large_image_config("fast", 64).stride == 32
     small = large_image_config("fast", 16, {"steps": 5, "sampler": None})
     assert (small.window, small.stride, small.decode_stride, small.steps) == (16, 8, 4, 5)
     with pytest.raises(ValueError, match="mode 'slow'"):
@@ -260,10 +263,10 @@ def test_modes_scale_to_the_model_window():
 
 def test_loading_names_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder not found"):
-        load_diffusion_model(tmp_path / "nothing")
+        load_pipeline(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="neither an exported model"):
-        load_diffusion_model(tmp_path / "empty")
+    with pytest.raises(ValueError, match="neither a pipeline export"):
+        load_pipeline(tmp_path / "empty")
 
 
 def test_cli_reports_a_missing_model_without_a_traceback(tmp_path, capsys):

@@ -20,9 +20,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from pipeline.io.shards import decode_npy, encode_npy, read_shard, write_shard
-from pipeline.latents import EncodeSettings, encode_input, random_vq
-from pipeline.models import load_seed_checkpoint
-from pipeline.training import TrainConfig, load_exported, train
+from pipeline.latents import EncodeSettings, encode_input
+from pipeline.models.autoencoder import random_vq
+from pipeline.models import load_lid_release
+from pipeline.models import load_pipeline
+from pipeline.training import TrainConfig, train
 from pipeline.training.data import (
     EmbeddingWidthError, LatentBatches, LatentDataModule, ShardInfo, find_latent_shards, shards_for_rank,
     step_randomness,
@@ -33,7 +35,7 @@ from pipeline.training.module import LatentDiffusion, null_condition_input, warm
 from pipeline.training.run import LossHistory, build_module, last_checkpoint
 from test_latents import make_embedding_input, real_patches
 
-SEED_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed_ldm_tiny"
+LID_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed_ldm_tiny"
 STEPS = 120
 CONFIG = TrainConfig(
     preset="small", latent_size=16, batch_size=8, learning_rate=1e-3, warmup_steps=10, max_steps=STEPS,
@@ -190,10 +192,11 @@ def test_warmup_is_linear_then_constant():
 def test_export_loads_back_with_the_same_outputs(run_a, autoencoder, tmp_path):
     run_dir, _, module = run_a
     folder = export_module(module, tmp_path / "export", autoencoder)
-    loaded = load_exported(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["condition", "rldiff.json", "scheduler", "unet", "vae"]
-    assert loaded.info["ema"] is True and loaded.info["global_step"] == STEPS
-    assert loaded.info["autoencoder"]["random_weights"] is True and loaded.autoencoder.random_weights
+    loaded = load_pipeline(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["condition", "model_index.json", "scheduler", "unet", "vae"]
+    training = loaded.provenance["training"]
+    assert training["ema"] is True and training["global_step"] == STEPS
+    assert loaded.provenance["autoencoder"]["random_weights"] is True and loaded.random_parts == ["autoencoder"]
     ema_unet, ema_condition = module.export_models()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 16, 16, generator=generator)
@@ -203,16 +206,16 @@ def test_export_loads_back_with_the_same_outputs(run_a, autoencoder, tmp_path):
         expected = ema_unet(x, t, encoder_hidden_states=ema_condition(embeddings)).sample
         got = loaded.unet(x, t, encoder_hidden_states=loaded.context(embeddings)).sample
         assert torch.allclose(got, expected, rtol=0, atol=1e-6)
-        assert torch.allclose(loaded.null_context(2)[:, 0], ema_condition.patch_fc.bias.expand(2, -1))
-        assert torch.allclose(loaded.autoencoder.decode(x), autoencoder.decode(x), atol=1e-6)
+        assert torch.allclose(loaded.condition.null_context(2)[:, 0], ema_condition.patch_fc.bias.expand(2, -1))
+        assert torch.allclose(loaded.decode_latents(x), autoencoder.decode(x), atol=1e-6)
     assert torch.allclose(loaded.scheduler.betas, module.noise_scheduler.betas)
     assert loaded.scheduler.config.prediction_type == "epsilon"
     # Exporting from the final checkpoint file gives the same model.
-    again = load_exported(export_checkpoint(last_checkpoint(run_dir), tmp_path / "export2", autoencoder))
+    again = load_pipeline(export_checkpoint(last_checkpoint(run_dir), tmp_path / "export2", autoencoder))
     with torch.no_grad():
         assert torch.allclose(again.unet(x, t, encoder_hidden_states=again.context(embeddings)).sample, expected,
                               rtol=0, atol=1e-6)
-    assert again.info["global_step"] == STEPS
+    assert again.provenance["training"]["global_step"] == STEPS
 
 
 def test_embedding_width_mismatch_names_shard_and_widths(latent_root, tmp_path):
@@ -260,18 +263,18 @@ def test_cluster_environment_inconsistent_layout_fails(env, devices, nodes, matc
         choose_cluster_environment(env, devices, nodes)
 
 
-def test_init_from_converted_seed_checkpoint():
-    if not (SEED_FIXTURE / "checkpoints" / "last.ckpt").is_file():
-        pytest.fail(f"seed fixture missing: {SEED_FIXTURE}")
-    config = TrainConfig(preset="seed", init_from=str(SEED_FIXTURE), patch_embed_dim=384, num_workers=0)
+def test_init_from_converted_lid_release():
+    if not (LID_FIXTURE / "checkpoints" / "last.ckpt").is_file():
+        pytest.fail(f"LID fixture missing: {LID_FIXTURE}")
+    config = TrainConfig(preset="lid", init_from=str(LID_FIXTURE), patch_embed_dim=384, num_workers=0)
     module = build_module(config)
-    seed = load_seed_checkpoint(SEED_FIXTURE)
-    for ours, theirs in ((module.unet, seed.unet), (module.condition, seed.condition)):
+    release = load_lid_release(LID_FIXTURE)
+    for ours, theirs in ((module.unet, release.unet), (module.condition, release.condition)):
         state = theirs.state_dict()
         assert all(torch.equal(v, state[k]) for k, v in ours.state_dict().items())
         assert all(p.requires_grad for p in ours.parameters())
     with pytest.raises(ValueError, match="768-d embeddings.*384|384-d embeddings"):
-        build_module(TrainConfig(preset="seed", init_from=str(SEED_FIXTURE), patch_embed_dim=768))
+        build_module(TrainConfig(preset="lid", init_from=str(LID_FIXTURE), patch_embed_dim=768))
 
 
 def test_continuing_with_other_settings_is_refused(run_a, latent_root):

@@ -12,7 +12,7 @@ import openslide
 import pandas as pd
 import yaml
 
-from helpers import DEMO_SLIDE, REPO, read_shards
+from helpers import DEMO_SLIDE, REPO, pipeline_env, read_shards
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 
@@ -107,13 +107,14 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     latents = read_shards(tmp_path / "out/latents/demo_he_20x/inputs/cmu_small_region")
     assert [s["__key__"] for s in latents] == list(tiles.key)
     assert {"latent.npy", "latent_hflip.npy", "hipt_vit_s16.npy"} <= set(latents[0])
-    from pipeline.training.export import load_exported
+    from pipeline.models import load_pipeline
 
-    model = load_exported(tmp_path / "out/models/demo_he_20x")
-    record = json.loads((tmp_path / "out/models/demo_he_20x/rldiff.json").read_text())
-    assert record["global_step"] == 12 and record["embedding_key"] == "hipt_vit_s16"
-    assert record["autoencoder"]["random_weights"] is True
+    model = load_pipeline(tmp_path / "out/models/demo_he_20x")
+    record = json.loads((tmp_path / "out/models/demo_he_20x/model_index.json").read_text())
+    assert record["provenance"]["training"]["global_step"] == 12 and record["embedding_key"] == "hipt_vit_s16"
+    assert record["provenance"]["autoencoder"]["random_weights"] is True
     assert model.unet.config.sample_size == 16
+    check_plain_diffusers_load(tmp_path / "out/models/demo_he_20x", tmp_path)
 
     # held-out patches: never trained on, each conditions one generated patch
     from pipeline.splits import is_held_out
@@ -160,3 +161,29 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     assert b"cmu_small_region.svs" in assets["slides.html"] and assets["loss.svg"].startswith(b"<svg")
     assert all(assets[name][:3] == b"\xff\xd8\xff" for name in ("thumbnails.jpg", "sample_pairs.jpg",
                                                                   "large_images.jpg"))
+
+
+PLAIN_DIFFUSERS = """
+import sys
+import numpy as np
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[2], trust_remote_code=True,
+                                         local_files_only=True, low_cpu_mem_usage=False)
+embedding = np.random.default_rng(0).standard_normal((1, pipe.condition.config.patch_embed_dim)).astype("float32")
+images = pipe(embedding, num_inference_steps=3).images
+print(type(pipe).__name__, "x".join(map(str, images.shape)), images.dtype, int(images.std() > 0))
+"""
+
+
+def check_plain_diffusers_load(export, tmp_path):
+    """The export loads in a fresh process with plain diffusers (the class named by a file path) and
+    samples a patch."""
+    from pipeline.models import diffusion_pipeline
+
+    env = {**pipeline_env(), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    env.pop("PYTHONPATH")  # only the installed package: what a user has
+    result = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(export), diffusion_pipeline.__file__],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-4:] == ["RLDiffPipeline", "1x256x256x3", "uint8", "1"]

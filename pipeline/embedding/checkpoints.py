@@ -27,11 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import PipelineError
+
 Shapes = Mapping[str, torch.Size]
 Combine = Callable[[list[torch.Tensor], torch.Size], torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PipelineError):
     """A weights file that cannot be read or does not match the layout it is declared to have."""
 
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.embedding.checkpoints import LAYOUTS, convert_state_dict, file_sha256, read_checkpoint
+from pipeline.errors import PipelineError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -207,7 +208,7 @@ def get_spec(name: str) -> EncoderSpec:
     try:
         return ENCODERS[name]
     except KeyError:
-        raise ValueError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}") from None
+        raise PipelineError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}") from None
 
 
 def _create_model(spec: EncoderSpec) -> nn.Module:
@@ -283,7 +284,7 @@ def _hub_file(spec: EncoderSpec, hub_id: str) -> Path:
     repo, _, filename = hub_id.partition(":")
     filename = filename or (spec.hub_filename if repo == spec.hub_id else None)
     if not filename:
-        raise ValueError(f"{spec.name}: say which file of {repo!r} to use as 'repo:filename'")
+        raise PipelineError(f"{spec.name}: say which file of {repo!r} to use as 'repo:filename'")
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(repo_id=repo, filename=filename))
@@ -292,6 +293,19 @@ def _hub_file(spec: EncoderSpec, hub_id: str) -> Path:
 def load_weights(spec: EncoderSpec, path: str | Path) -> dict[str, torch.Tensor]:
     """A local upstream checkpoint converted strictly to the spec's timm state dict."""
     return convert_state_dict(read_checkpoint(path), spec.checkpoint_layout, expected_shapes(spec), path)
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """One entry of the config's `encoders:` table: where an encoder's weights come from."""
+
+    weights: str | None = None  # local upstream checkpoint
+    hub_id: str | None = None  # "repo" or "repo:filename", for users with network access
+    allow_random_weights: bool = False  # demo and tests only
+
+    def build(self, name: str) -> Encoder:
+        return build_encoder(name, weights=self.weights, hub_id=self.hub_id,
+                             allow_random_weights=self.allow_random_weights)
 
 
 def build_encoder(name: str, weights: str | Path | None = None, *, allow_random_weights: bool = False,
@@ -303,12 +317,12 @@ def build_encoder(name: str, weights: str | Path | None = None, *, allow_random_
     deterministic random initialisation (seed 0) for tests and dry runs, with a warning."""
     spec = get_spec(name)
     if weights is not None and hub_id is not None:
-        raise ValueError(f"{name}: pass either weights (a local file) or hub_id, not both")
+        raise PipelineError(f"{name}: pass either weights (a local file) or hub_id, not both")
     if weights is None and hub_id is not None:
         weights = _hub_file(spec, hub_id)
     if weights is None:
         if not allow_random_weights:
-            raise ValueError(
+            raise PipelineError(
                 f"encoder {name!r} needs pretrained weights: pass weights=<path to {spec.weights_file or 'the upstream checkpoint'}>"
                 + (f" or hub_id={spec.hub_id!r}" if spec.hub_id else "")
                 + "; embeddings from random weights are meaningless (allow_random_weights=True only for tests)")

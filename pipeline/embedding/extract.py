@@ -29,7 +29,9 @@ INDEX_COLUMNS = ["key", "input_id", "source", "x", "y", "col", "row", "shard"]
 
 
 @dataclass(frozen=True)
-class RunSettings:
+class EmbeddingSettings:
+    """The config's `embedding:` table."""
+
     batch_size: int = 64
     num_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -45,7 +47,7 @@ def encoder_record(encoder) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def embed_images(encoders: Sequence[Any], images: Dataset, settings: RunSettings,
+def embed_images(encoders: Sequence[Any], images: Dataset, settings: EmbeddingSettings,
                  progress: tqdm | None = None) -> dict[str, np.ndarray]:
     """Embeddings [N, D] (float16) of every image for every encoder, in dataset order."""
     device = settings.torch_device()
@@ -66,7 +68,7 @@ def embed_images(encoders: Sequence[Any], images: Dataset, settings: RunSettings
             for name, parts in outputs.items()}
 
 
-def embed_shard(source: Path, target: Path, encoders: Sequence[Any], settings: RunSettings,
+def embed_shard(source: Path, target: Path, encoders: Sequence[Any], settings: EmbeddingSettings,
                 progress: tqdm | None = None) -> int:
     """Embed one tiling shard into ``target`` (atomic). Returns the number of samples."""
     samples = read_shard(source)
@@ -86,7 +88,7 @@ def embed_shard(source: Path, target: Path, encoders: Sequence[Any], settings: R
 
 
 def embed_input(tile_dir: str | Path, out_dir: str | Path, encoders: Sequence[Any],
-                settings: RunSettings) -> pd.DataFrame:
+                settings: EmbeddingSettings) -> pd.DataFrame:
     """Embed every shard of one tiled input; skip shards already finished; write the manifest last."""
 
     def embed(source: Path, target: Path, progress: tqdm) -> int:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.embedding.encoders import ENCODERS
-from pipeline.embedding.extract import RunSettings, embed_images
+from pipeline.embedding.extract import EmbeddingSettings, embed_images
 from pipeline.evaluation.distances import (KID_SEED, degenerate_covariance_warning, features_frechet_distance,
                                            kernel_distance, kid_subset_size)
 from pipeline.evaluation.extractors import (EncoderCache, ExtractorUnavailable, FeatureExtractor, build_extractor,
@@ -62,7 +62,7 @@ class ImageFiles(Dataset):
 def cosine_similarities(encoder, files: Sequence[Path], conditions: np.ndarray,
                         settings: EvaluationSettings) -> np.ndarray:
     """Cosine between the embedding of files[i] (as the embed stage computes it) and conditions[i]."""
-    run = RunSettings(batch_size=settings.batch_size, num_workers=settings.num_workers, device=settings.device)
+    run = EmbeddingSettings(batch_size=settings.batch_size, num_workers=settings.num_workers, device=settings.device)
     embedded = embed_images([encoder], ImageFiles(files), run)[encoder.spec.name].astype(np.float32)
     norms = np.linalg.norm(embedded, axis=1) * np.linalg.norm(conditions, axis=1)
     return np.sum(embedded * conditions, axis=1) / np.maximum(norms, 1e-12)

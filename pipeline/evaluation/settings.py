@@ -8,18 +8,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.embedding.encoders import ENCODERS
+from pipeline.errors import PipelineError
 
 # Names of the feature extractors that are not SSL encoders from the registry.
 CLEANFID_EXTRACTORS = ("inception", "clip")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(PipelineError):
     """The evaluation cannot run; the message names the file or setting and the reason."""
 
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """Defaults mirror pipeline/schemas/workflow_config.schema.yaml (`evaluation:`)."""
+    """The config's `evaluation:` table (defaults equal the schema's; tests/test_settings.py checks)."""
 
     feature_extractor: str = "inception"   # "inception" | "clip" | an encoder name from the registry
     inception_weights: str | None = None   # None: the file must already be where clean-fid loads it
@@ -39,12 +40,9 @@ class EvaluationSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvaluationSettings":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise EvaluationError(f"evaluation settings: unknown key(s) {', '.join(unknown)}; "
-                                  f"known: {', '.join(sorted(fields))}")
-        return cls(**data)
+        from pipeline.config import settings_from_table
+
+        return settings_from_table(cls, data, "evaluation")
 
     @classmethod
     def from_json(cls, text: str) -> "EvaluationSettings":

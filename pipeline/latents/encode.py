@@ -8,7 +8,7 @@ name whose samples keep the key, order and every member of the embedding shard (
 - with ``flips="all"`` (the default) also ``latent_hflip.npy``, ``latent_vflip.npy`` and
   ``latent_hvflip.npy``: the encodings of the horizontally, vertically and doubly flipped patch.
 
-The seed trains with random horizontal and vertical flips of the *image* before encoding. A
+LID trains with random horizontal and vertical flips of the *image* before encoding. A
 convolutional encoder is not exactly flip-equivariant (``E(flip(x)) != flip(E(x))``), so flipping a
 stored latent is only an approximation of that augmentation; storing all four encodings keeps it
 exact for any autoencoder at 4x the (small) latent storage. :func:`flip_equivariance_error`
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pipeline.io.shard_stage import PatchImages, process_shards, resolve_device
 from pipeline.io.shards import encode_json, encode_npy, read_shard, write_shard
-from pipeline.latents.autoencoder import Autoencoder
+from pipeline.models.autoencoder import Autoencoder, AutoencoderSettings
 
 LATENT_FIELD = "latent.npy"
 # Name suffix -> tensor dims flipped (on images (B, C, H, W) and latents alike).
@@ -54,6 +54,9 @@ def apply_flip(tensor: torch.Tensor, flip: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EncodeSettings:
+    """The config's `latents:` table: the autoencoder, and how the stage runs."""
+
+    autoencoder: AutoencoderSettings = AutoencoderSettings()
     batch_size: int = 32
     num_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -68,7 +71,7 @@ class EncodeSettings:
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 in [-1, 1], as the seed feeds its first stage."""
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1], as LID feeds its first stage."""
     return images_uint8.float() / 127.5 - 1.0
 
 

@@ -1,4 +1,4 @@
-"""The state-dict layout (key -> shape) of a seed checkpoint, derived from its config.
+"""The state-dict layout (key -> shape) of a LID checkpoint, derived from its config.
 
 Written from the structure of the CompVis modules, independently of diffusers' converters, so the
 loader can name missing, unexpected or mis-shaped keys in the checkpoint's own terms before
@@ -7,7 +7,7 @@ conversion, and tests can check full-size configs without any real weights.
 
 from __future__ import annotations
 
-from pipeline.models.seed_config import ConditionSpec, SeedConfig, UNetSpec, VQSpec
+from pipeline.models.lid_config import ConditionSpec, LidConfig, UNetSpec, VQSpec
 
 Shape = tuple[int, ...]
 Layout = dict[str, Shape]
@@ -52,7 +52,7 @@ def _unet_resblock(layout: Layout, key: str, inp: int, out: int, emb: int) -> No
 
 
 def _spatial_transformer(layout: Layout, key: str, ch: int, spec: UNetSpec) -> None:
-    # inner dim = heads * (ch // heads) = ch for the seed's legacy head rule.
+    # inner dim = heads * (ch // heads) = ch for LID's legacy head rule.
     _norm(layout, f"{key}.norm", ch)
     _conv(layout, f"{key}.proj_in", ch, ch, 1)
     for depth in range(spec.transformer_depth):
@@ -167,8 +167,8 @@ def condition_layout(spec: ConditionSpec) -> Layout:
     return layout
 
 
-def checkpoint_layout(config: SeedConfig) -> tuple[Layout, Layout]:
-    """(required keys -> shape, optional keys -> shape) of a seed checkpoint's state_dict."""
+def checkpoint_layout(config: LidConfig) -> tuple[Layout, Layout]:
+    """(required keys -> shape, optional keys -> shape) of a LID checkpoint's state_dict."""
     required: Layout = {"betas": (config.schedule.timesteps,)}
     for prefix, part in (
         (UNET_PREFIX, unet_layout(config.unet)),

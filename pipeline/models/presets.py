@@ -1,4 +1,4 @@
-"""Architecture presets: seed config numbers -> diffusers constructor kwargs and scheduler config.
+"""Architecture presets: LID config numbers -> diffusers constructor kwargs and scheduler config.
 
 All functions return plain dicts, so they can be inspected, logged and compared without building
 a network.
@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.models.seed_config import ScheduleSpec, SeedConfig, UNetSpec, VQSpec, parse_seed_config
+from pipeline.models.lid_config import ScheduleSpec, LidConfig, UNetSpec, VQSpec, parse_lid_config
 
 
 def unet_kwargs(spec: UNetSpec) -> dict[str, Any]:
-    """Kwargs for diffusers `UNet2DConditionModel` that rebuild the seed's CompVis UNet."""
+    """Kwargs for diffusers `UNet2DConditionModel` that rebuild LID's CompVis UNet."""
     channels = [spec.model_channels * mult for mult in spec.channel_mult]
     # Level i of the CompVis UNet runs at downsampling factor 2**i; attention_resolutions lists factors.
     attends = [2**level in spec.attention_resolutions for level in range(len(channels))]
@@ -24,7 +24,7 @@ def unet_kwargs(spec: UNetSpec) -> dict[str, Any]:
         "in_channels": spec.in_channels,
         "out_channels": spec.out_channels,
         "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
-        "mid_block_type": "UNetMidBlock2DCrossAttn",  # the seed's middle block always has a transformer
+        "mid_block_type": "UNetMidBlock2DCrossAttn",  # LID's middle block always has a transformer
         "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
         "block_out_channels": tuple(channels),
         "layers_per_block": spec.num_res_blocks,
@@ -42,9 +42,9 @@ def unet_kwargs(spec: UNetSpec) -> dict[str, Any]:
 
 
 def vq_kwargs(spec: VQSpec, scaling_factor: float) -> dict[str, Any]:
-    """Kwargs for diffusers `VQModel` that rebuild the seed's CompVis VQ autoencoder.
+    """Kwargs for diffusers `VQModel` that rebuild LID's CompVis VQ autoencoder.
 
-    `scaling_factor` must come from the seed config (1.0 for the seed's models); diffusers'
+    `scaling_factor` must come from the LID config (1.0 for LID's models); diffusers'
     default 0.18215 belongs to Stable Diffusion's KL autoencoder and would be wrong here.
     """
     levels = len(spec.ch_mult)
@@ -68,13 +68,13 @@ def vq_kwargs(spec: VQSpec, scaling_factor: float) -> dict[str, Any]:
 
 
 def compvis_betas(spec: ScheduleSpec) -> np.ndarray:
-    """The seed's training betas in float64 (the checkpoint stores them cast to float32)."""
+    """LID's training betas in float64 (the checkpoint stores them cast to float32)."""
     root = np.linspace(spec.linear_start**0.5, spec.linear_end**0.5, spec.timesteps, dtype=np.float64)
     return root**2
 
 
 def scheduler_config(spec: ScheduleSpec) -> dict[str, Any]:
-    """Config for diffusers DDPM/DDIM schedulers matching the seed's training schedule.
+    """Config for diffusers DDPM/DDIM schedulers matching LID's training schedule.
 
     CompVis "linear" is diffusers "scaled_linear" (linear in sqrt(beta)). diffusers computes it in
     float32, so its betas may differ from `compvis_betas` in the last float32 bit.
@@ -89,8 +89,8 @@ def scheduler_config(spec: ScheduleSpec) -> dict[str, Any]:
     }
 
 
-def seed_full_size_config_dict(patch_embed_dim: int = 384) -> dict[str, Any]:
-    """The `model` section of the seed's released configs (BRCA/CRC/NAIP), as the YAML would load.
+def lid_full_size_config_dict(patch_embed_dim: int = 384) -> dict[str, Any]:
+    """The `model` section of LID's released configs (BRCA/CRC/NAIP), as the YAML would load.
 
     `patch_embed_dim` is the SSL embedding size of the dataset's encoder (384 HIPT, 768 iBOT/ViT-B).
     """
@@ -134,4 +134,4 @@ def seed_full_size_config_dict(patch_embed_dim: int = 384) -> dict[str, Any]:
     }
 
 
-SEED_FULL_SIZE: SeedConfig = parse_seed_config(seed_full_size_config_dict(), "<seed full-size preset>")
+LID_FULL_SIZE: LidConfig = parse_lid_config(lid_full_size_config_dict(), "<LID full-size preset>")

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_file, write_text_atomic
 
 RANDOM_BANNER = ("RANDOM WEIGHTS: {what} randomly initialised (a demo or test run). These results show that "
@@ -74,7 +75,7 @@ th { background: #f0f0f0; } td.num, th.num { text-align: right; }
 """
 
 
-class ReportInputError(ValueError):
+class ReportInputError(PipelineError):
     """An asset was asked for without the stage output it is built from."""
 
 

@@ -1,6 +1,6 @@
-"""Large-image sampling: overlapping 64x64-latent windows conditioned on an embedding grid."""
+"""Sampling: patches from embeddings, and large images from embedding grids (overlapping windows)."""
 
-from pipeline.sampling.config import FAST_MODE, SEED_MODE, LargeImageConfig
+from pipeline.sampling.config import FAST_MODE, LID_MODE, LargeImageConfig
 from pipeline.sampling.large_image import (
     LargeImage,
     LargeImageSampler,
@@ -14,7 +14,7 @@ from pipeline.sampling.seams import seam_score, window_boundaries
 
 __all__ = [
     "FAST_MODE",
-    "SEED_MODE",
+    "LID_MODE",
     "LargeImage",
     "LargeImageConfig",
     "LargeImageSampler",

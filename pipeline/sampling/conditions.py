@@ -2,7 +2,7 @@
 
 Grid cell (r, c) of a [rows, cols, D] embedding grid describes the latent square whose top-left
 corner is (r * cell, c * cell), cell being the window side. A window with origin (y, x) sits at
-fractional grid position (y / cell, x / cell); its embedding interpolates, as in the seed's
+fractional grid position (y / cell, x / cell); its embedding interpolates, as in LID's
 `get_conditioning`, the cells (i, j), (i, j+1), (i+1, j), (i+1, j+1) with i, j the integer parts:
 first along the columns (top pair, bottom pair) by the column fraction, then between those two
 by the row fraction. The grid is edge-padded by replication so that i+1, j+1 always exist.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Above this cosine the seed interpolates linearly (SLERP is ill-conditioned for parallel vectors).
+# Above this cosine LID interpolates linearly (SLERP is ill-conditioned for parallel vectors).
 SLERP_DOT_THRESHOLD = 0.9995
 
 
@@ -58,10 +58,3 @@ def window_contexts(
     """(N, tokens, context_dim): the cross-attention context of every window."""
     weight = next(condition.parameters())
     return condition(window_embeddings(grid, origins, cell).to(weight.device, weight.dtype))
-
-
-@torch.no_grad()
-def unconditional_context(condition: nn.Module, embedding_dim: int) -> torch.Tensor:
-    """(1, tokens, context_dim): the condition stage applied to a zero embedding, as in the seed."""
-    weight = next(condition.parameters())
-    return condition(torch.zeros(1, embedding_dim, dtype=weight.dtype, device=weight.device))

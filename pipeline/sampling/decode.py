@@ -1,7 +1,7 @@
 """Blended window decoding of a large latent, streamed as finished bands of output rows.
 
 Each window of `window` latents is decoded on its own (a first-stage decoder sees only inputs of
-the size it was trained on), weighted (the seed: a Gaussian centred on the window), and the weighted
+the size it was trained on), weighted (LID: a Gaussian centred on the window), and the weighted
 decodes are summed and divided by the summed weights. Windows are decoded one window row at a
 time; once a window row is done, every output row above the next window row's top is final, so
 it is converted to uint8 and handed out. Only a band one window high stays in float memory.
@@ -13,15 +13,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+
+from pipeline.models.first_stage import to_uint8
 from pipeline.sampling.windows import WindowLayout
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating as the seed's `.to(torch.uint8)`."""
-    scaled = ((images + 1) / 2).clamp(0, 1) * 255
-    return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def blended_bands(

@@ -10,19 +10,8 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
+from pipeline.models.guidance import guided_epsilon, needs_unconditional
 from pipeline.sampling.windows import WindowLayout
-
-
-def guided_epsilon(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float, form: str) -> torch.Tensor:
-    """Classifier-free guidance; "seed": (1+g)c - g u, "standard": u + g(c - u)."""
-    if form == "seed":
-        return (1 + scale) * conditional - scale * unconditional
-    return unconditional + scale * (conditional - unconditional)
-
-
-def needs_unconditional(scale: float, form: str) -> bool:
-    """False where guidance reduces to the conditional prediction alone."""
-    return scale != (0.0 if form == "seed" else 1.0)
 
 
 class WindowFusion:
@@ -35,17 +24,15 @@ class WindowFusion:
         contexts: torch.Tensor,
         unconditional: torch.Tensor,
         guidance_scale: float,
-        guidance_form: str,
         window_batch: int,
         window_weights: torch.Tensor | None = None,
     ) -> None:
         self.unet = unet
-        # None: every window counts alike (the seed). Else (window, window) weights that fade a
+        # None: every window counts alike (LID). Else (window, window) weights that fade a
         # window's x0 out towards its edges, so no window's border shows as a step in the mean.
         self.window_weights = window_weights
         self.unconditional = unconditional
         self.guidance_scale = guidance_scale
-        self.guidance_form = guidance_form
         self.window_batch = window_batch
         self.evaluations = 0  # UNet evaluations of one 64x64 window (conditional and unconditional count apart)
         self.calls = 0
@@ -69,7 +56,7 @@ class WindowFusion:
 
     def window_epsilon(self, windows: torch.Tensor, contexts: torch.Tensor, model_timestep: float) -> torch.Tensor:
         """Guided noise predictions for a batch of window crops."""
-        guided = needs_unconditional(self.guidance_scale, self.guidance_form)
+        guided = needs_unconditional(self.guidance_scale)
         if guided:
             windows = torch.cat([windows, windows])
             contexts = torch.cat([contexts, self.unconditional.expand(len(contexts), -1, -1)])
@@ -81,14 +68,14 @@ class WindowFusion:
         if not guided:
             return epsilon
         conditional, unconditional = epsilon.chunk(2)
-        return guided_epsilon(conditional, unconditional, self.guidance_scale, self.guidance_form)
+        return guided_epsilon(conditional, unconditional, self.guidance_scale)
 
     @torch.no_grad()
     def predict_x0(self, canvas: torch.Tensor, model_timestep: float, alpha_bar: float) -> torch.Tensor:
         """(1, C, H, W) canvas at the noise level alpha_bar -> the per-pixel mean of the windows' x0."""
         if canvas.shape[0] != 1 or tuple(canvas.shape[2:]) != (self.layout.height, self.layout.width):
             raise ValueError(f"canvas of shape {tuple(canvas.shape)} does not match the window layout")
-        # Scalars in float32, as the seed computed them from its float32 schedule.
+        # Scalars in float32, as LID computed them from its float32 schedule.
         alpha_bar = np.float32(alpha_bar)
         root = float(np.sqrt(alpha_bar))
         noise_ratio = float(np.sqrt((1 - alpha_bar) / alpha_bar))

@@ -9,11 +9,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from pipeline.sampling.conditions import unconditional_context, window_contexts
+from pipeline.models.diffusion_pipeline import RLDiffPipeline
+from pipeline.models.guidance import needs_unconditional
+from pipeline.sampling.conditions import window_contexts
 from pipeline.sampling.config import LargeImageConfig
 from pipeline.sampling.decode import blended_bands, decode_large_image
-from pipeline.sampling.fusion import WindowFusion, needs_unconditional
-from pipeline.sampling.model import DiffusionModel, as_diffusion_model
+from pipeline.sampling.fusion import WindowFusion
 from pipeline.sampling.seams import seam_score, window_boundaries
 from pipeline.sampling.steppers import make_stepper
 from pipeline.sampling.weights import window_weights
@@ -48,20 +49,18 @@ def as_grid(embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
 class LargeImageSampler:
     """Samples the latent canvas of a [rows, cols, D] embedding grid.
 
-    The model may be a DiffusionModel, a SeedModel or an ExportedModel. Window conditions are
-    computed once; every trajectory starts a fresh generator (config.seed) and a fresh step rule,
-    so repeated runs give the same canvases.
+    Window conditions are computed once; every trajectory starts a fresh generator (config.seed)
+    and a fresh step rule, so repeated runs give the same canvases.
     """
 
-    def __init__(self, model, embeddings: torch.Tensor | np.ndarray, config: LargeImageConfig) -> None:
-        model = as_diffusion_model(model)
+    def __init__(self, model: RLDiffPipeline, embeddings: torch.Tensor | np.ndarray, config: LargeImageConfig) -> None:
         if model.latent_size != config.window:
             raise ValueError(f"the model samples {model.latent_size}x{model.latent_size} latents, but the "
                              f"configured window is {config.window}")
         self.model = model
         self.config = config
         self.grid = as_grid(embeddings)
-        rows, cols, dim = self.grid.shape
+        rows, cols, _ = self.grid.shape
         window = config.window
         self.layout = WindowLayout(rows * window, cols * window, window, config.stride)
         condition = model.condition
@@ -69,11 +68,10 @@ class LargeImageSampler:
             unet=model.unet,
             layout=self.layout,
             contexts=self.contexts(self.layout),
-            unconditional=unconditional_context(condition, dim),
+            unconditional=condition.null_context(1),
             guidance_scale=config.guidance_scale,
-            guidance_form=config.guidance_form,
             window_batch=config.window_batch,
-            # None: plain window counts, exactly the seed's mean.
+            # None: plain window counts, exactly LID's mean.
             window_weights=(None if config.fusion_weights == "uniform"
                             else window_weights(config.fusion_weights, window, config.fusion_sigma)),
         )
@@ -81,7 +79,7 @@ class LargeImageSampler:
 
     @property
     def evaluations_per_window(self) -> int:
-        return 2 if needs_unconditional(self.config.guidance_scale, self.config.guidance_form) else 1
+        return 2 if needs_unconditional(self.config.guidance_scale) else 1
 
     def contexts(self, layout: WindowLayout) -> torch.Tensor:
         return window_contexts(self.model.condition, self.grid, layout.origins, self.config.window)
@@ -103,7 +101,7 @@ class LargeImageSampler:
 
     def trajectory(self) -> Iterator[torch.Tensor]:
         """Yield the start canvas, then the canvas after each step (the last one is the sample)."""
-        stepper = make_stepper(self.config, self.model.betas, self.model.scheduler_config)
+        stepper = make_stepper(self.config, self.model.training_betas, self.model.scheduler_config)
         # One generator for every draw, on the CPU, so a seed gives the same noise on any device.
         generator = torch.Generator().manual_seed(self.config.seed)
         canvas = stepper.initial_canvas(self.canvas_shape, generator).to(self.device)
@@ -134,37 +132,35 @@ class LargeImageSampler:
         return canvas, stats
 
 
-def _decode_arguments(model: DiffusionModel, latent: torch.Tensor, config: LargeImageConfig) -> tuple:
+def _decode_arguments(model: RLDiffPipeline, latent: torch.Tensor, config: LargeImageConfig) -> tuple:
     """The positional arguments both decode entry points pass to pipeline.sampling.decode."""
-    autoencoder = as_diffusion_model(model).autoencoder
-    factor = autoencoder.downsampling_factor
+    factor = model.downsampling_factor
     weights = window_weights(config.decode_weights, config.window * factor, config.decode_sigma)
-    return (autoencoder.decode, latent, factor, config.window, config.decode_stride, config.decode_batch, weights)
+    return (model.decode_latents, latent, factor, config.window, config.decode_stride, config.decode_batch, weights)
 
 
 def decode_canvas(
-    model: DiffusionModel, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None
+    model: RLDiffPipeline, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None
 ) -> np.ndarray:
     """The window-blended uint8 image of a latent canvas (written into `out` when given)."""
     return decode_large_image(*_decode_arguments(model, latent, config), out=out)
 
 
 def decoded_bands(
-    model: DiffusionModel, latent: torch.Tensor, config: LargeImageConfig
+    model: RLDiffPipeline, latent: torch.Tensor, config: LargeImageConfig
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Stream of (first row, uint8 rows) bands; see decode.blended_bands."""
     return blended_bands(*_decode_arguments(model, latent, config))
 
 
 def generate_large_image(
-    model: DiffusionModel,
+    model: RLDiffPipeline,
     embeddings: torch.Tensor | np.ndarray,
     config: LargeImageConfig,
     decode: bool = True,
     out: np.ndarray | None = None,
 ) -> LargeImage:
     """Sample the canvas for an embedding grid and (optionally) decode it."""
-    model = as_diffusion_model(model)
     latent, stats = LargeImageSampler(model, embeddings, config).sample()
     image = decode_canvas(model, latent, config, out=out) if decode else None
     return LargeImage(latent=latent, image=image, stats=stats)

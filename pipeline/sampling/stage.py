@@ -22,11 +22,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_dir, atomic_file, remove_path, write_text_atomic
 from pipeline.io.large_image_files import StreamedRows, release_mapped_pages, write_png, write_pyramid_tiff
-from pipeline.sampling.config import FAST_MODE, SEED_MODE, LargeImageConfig
+from pipeline.io.shard_stage import resolve_device
+from pipeline.models import RLDiffPipeline, load_pipeline
+from pipeline.sampling.config import LargeImageConfig, LargeImageSettings
 from pipeline.sampling.large_image import LargeImageSampler, decoded_bands, large_image_seam_score
-from pipeline.sampling.model import DiffusionModel, load_diffusion_model
 from pipeline.sampling.patches import PatchSampler, PatchSamplingConfig
 from pipeline.sampling.references import (
     find_regions,
@@ -37,15 +39,13 @@ from pipeline.sampling.references import (
     region_rows,
 )
 
-MODES = {"seed": SEED_MODE, "fast": FAST_MODE}
-PNG_MAX_SIDE = 4096
 
 
-def embedding_key_of(model: DiffusionModel, fallback: str | None) -> str:
+def embedding_key_of(model: RLDiffPipeline, fallback: str | None) -> str:
     """The embedding the model was trained on (recorded in its export), else the given one."""
-    key = model.info.get("embedding_key") or fallback
+    key = model.embedding_key or fallback
     if not key:
-        raise ValueError(f"{model.source}: the model does not record its embedding key; name the encoder")
+        raise PipelineError(f"{model.source}: the model does not record its embedding key; name the encoder")
     return key
 
 
@@ -65,14 +65,15 @@ def pair_grid(reals: list[np.ndarray], generated: list[np.ndarray], pairs_per_ro
 
 def sample_patches(model_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path, *, dataset: str,
                    mpp: float, holdout_inputs: tuple[str, ...], holdout_fraction: float,
-                   config: PatchSamplingConfig, max_samples: int, device: torch.device,
-                   embedding_key: str | None = None, grid_pairs: int = 16) -> pd.DataFrame:
-    """One generated patch per held-out real patch (at most max_samples), conditioned on its embedding."""
-    model = load_diffusion_model(model_dir).to(device)
+                   config: PatchSamplingConfig, embedding_key: str | None = None,
+                   grid_pairs: int = 16) -> pd.DataFrame:
+    """One generated patch per held-out real patch (at most config.max_samples), conditioned on its embedding."""
+    device = resolve_device(config.device)
+    model = load_pipeline(model_dir).to(device)
     key = embedding_key_of(model, embedding_key)
-    rows = held_out_rows(read_index(embeddings_dir), holdout_inputs, holdout_fraction, max_samples)
+    rows = held_out_rows(read_index(embeddings_dir), holdout_inputs, holdout_fraction, config.max_samples)
     if rows.empty:
-        raise ValueError(f"{embeddings_dir}: no held-out patches (holdout inputs {list(holdout_inputs)}, "
+        raise PipelineError(f"{embeddings_dir}: no held-out patches (holdout inputs {list(holdout_inputs)}, "
                          f"fraction {holdout_fraction}); hold out an input or raise holdout.fraction")
     patches = load_patches(embeddings_dir, rows, key)
     ordered = [patches[k] for k in rows.key]
@@ -112,22 +113,6 @@ def sample_patches(model_dir: str | Path, embeddings_dir: str | Path, out_dir: s
     return manifest
 
 
-def large_image_config(mode: str, window: int, overrides: dict[str, Any] | None = None) -> LargeImageConfig:
-    """A mode's settings for a model with `window`-latent windows, then the user's overrides.
-
-    The modes are defined for the seed's 64-latent windows; for other window sizes their strides
-    keep the same fraction of the window. Overrides (latent pixels) are taken as given.
-    """
-    if mode not in MODES:
-        raise ValueError(f"large-image mode {mode!r}: expected one of {sorted(MODES)}")
-    base = MODES[mode]
-    scale = window / base.window
-    config = base.with_(window=window, stride=max(1, round(base.stride * scale)),
-                        decode_stride=max(1, round(base.decode_stride * scale)))
-    chosen = {name: value for name, value in (overrides or {}).items() if value is not None}
-    return config.with_(**chosen) if chosen else config
-
-
 def _settings_digest(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -137,12 +122,12 @@ def pixel_size_um(resolution: float, kind: str) -> float:
     return resolution * 1e6 if kind == "aerial" else resolution
 
 
-def generate_region(model: DiffusionModel, grid: np.ndarray, reference: np.ndarray, folder: Path,
+def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarray, folder: Path,
                     config: LargeImageConfig, pixel_um: float, png_max_side: int, tiff: bool) -> dict[str, Any]:
     """Sample, decode (streamed into a disk memmap) and write one region's files into `folder`."""
     sampler = LargeImageSampler(model, grid, config)
     latent, stats = sampler.sample()
-    factor = model.autoencoder.downsampling_factor
+    factor = model.downsampling_factor
     height, width = latent.shape[2] * factor, latent.shape[3] * factor
     canvas_path = folder / "generated.uint8"
     image = np.lib.format.open_memmap(canvas_path, mode="w+", dtype=np.uint8, shape=(height, width, 3))
@@ -175,27 +160,25 @@ def generate_region(model: DiffusionModel, grid: np.ndarray, reference: np.ndarr
 
 
 def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path, *, dataset: str,
-                          kind: str, mpp: float, holdout_inputs: tuple[str, ...], k: int, count: int, mode: str,
-                          overrides: dict[str, Any] | None, seed: int, device: torch.device,
-                          png_max_side: int = PNG_MAX_SIDE, tiff: bool = True,
-                          embedding_key: str | None = None) -> pd.DataFrame:
-    """Large images for up to `count` real k x k regions (held-out inputs first)."""
-    if png_max_side > PNG_MAX_SIDE:
-        raise ValueError(f"png_max_side {png_max_side}: PNGs are written up to {PNG_MAX_SIDE} px")
+                          kind: str, mpp: float, holdout_inputs: tuple[str, ...], settings: LargeImageSettings,
+                          seed: int, embedding_key: str | None = None) -> pd.DataFrame:
+    """Large images for up to `settings.regions` real k x k regions (held-out inputs first); region
+    number i is sampled with seed + i."""
     out_dir = Path(out_dir)
-    model = load_diffusion_model(model_dir).to(device)
+    k, mode, png_max_side, tiff = settings.k, settings.mode, settings.png_max_side, settings.tiff
+    model = load_pipeline(model_dir).to(resolve_device(settings.device))
     key = embedding_key_of(model, embedding_key)
     index = read_index(embeddings_dir)
-    regions = find_regions(index, k, count, holdout_inputs)
+    regions = find_regions(index, k, settings.regions, holdout_inputs)
     if not regions:
-        raise ValueError(f"{embeddings_dir}: no {k}x{k} block of adjacent patches in any input; lower large_image.k")
-    base = large_image_config(mode, model.latent_size, overrides)
+        raise PipelineError(f"{embeddings_dir}: no {k}x{k} block of adjacent patches in any input; lower large_image.k")
+    base = settings.sampler_config(model.latent_size)
     records = []
     for number, region in enumerate(regions):
         config = base.with_(seed=seed + number)
-        settings = {"model": str(model_dir), "region": asdict(region), "config": asdict(config), "mpp": mpp,
+        identity = {"model": str(model_dir), "region": asdict(region), "config": asdict(config), "mpp": mpp,
                     "png_max_side": png_max_side, "tiff": tiff, "embedding_key": key}
-        digest = _settings_digest(settings)
+        digest = _settings_digest(identity)
         folder = out_dir / f"region-{number:03d}"
         record_path = folder / "region.json"
         if record_path.is_file() and json.loads(record_path.read_text()).get("settings_sha") == digest:
@@ -209,8 +192,7 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
                 record = {"region": f"region-{number:03d}", "input_id": region.input_id, "col": region.col,
                           "row": region.row, "k": region.k, "held_out": region.held_out, "mpp": mpp,
                           "dataset": dataset, "mode": mode, "sampler": config.sampler, "steps": config.steps,
-                          "stride": config.stride, "guidance_scale": config.guidance_scale,
-                          "guidance_form": config.guidance_form, "seed": config.seed,
+                          "stride": config.stride, "guidance_scale": config.guidance_scale, "seed": config.seed,
                           "random_weights": model.random_weights, "settings_sha": digest, "embedding_key": key,
                           "keys": [list(row) for row in region.keys], "config": asdict(config), **files}
                 (temp / "region.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

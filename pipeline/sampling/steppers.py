@@ -1,4 +1,4 @@
-"""Step rules for the canvas: the seed's quirk-faithful DDIM loop, or a diffusers scheduler.
+"""Step rules for the canvas: LID's quirk-faithful DDIM loop, or a diffusers scheduler.
 
 Both take the fused canvas x0 (see fusion.py) and return the next canvas, drawing all their noise
 from the one generator they are given.
@@ -11,9 +11,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from pipeline.sampling.config import SEED_SAMPLER, LargeImageConfig
+from pipeline.errors import PipelineError
+from pipeline.models.schedulers import build_scheduler
+from pipeline.sampling.config import LID_SAMPLER, LargeImageConfig
 
 
 class Stepper(Protocol):
@@ -34,8 +35,8 @@ def gaussian(shape: tuple[int, ...], generator: torch.Generator, like: torch.Ten
     return noise if like is None else noise.to(like.device, like.dtype)
 
 
-class SeedDDIMStepper:
-    """The seed's `get_panorama` loop, quirks included.
+class LidDDIMStepper:
+    """LID's `get_panorama` loop, quirks included.
 
     - timesteps T, T - s, ..., s with s = T / steps; the UNet is called with t while the schedule is
       read at t - 1;
@@ -48,7 +49,7 @@ class SeedDDIMStepper:
     def __init__(self, betas: np.ndarray, steps: int, eta: float) -> None:
         total = len(betas)
         if total % steps:
-            raise ValueError(f"seed_ddim needs steps dividing {total} timesteps, got {steps}")
+            raise PipelineError(f"lid_ddim needs steps dividing {total} timesteps, got {steps}")
         self.stride = total // steps
         self.timesteps = list(range(total, 0, -self.stride))
         self.betas = np.asarray(betas, dtype=np.float32)
@@ -83,23 +84,13 @@ class SeedDDIMStepper:
         )
 
 
-# name -> (scheduler class, settings beyond the model's own schedule)
-DIFFUSERS_SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {"set_alpha_to_one": True}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
-
-
 class DiffusersStepper:
     """A diffusers scheduler on the model's own schedule, fed the fused x0 (prediction_type "sample")."""
 
     def __init__(self, name: str, scheduler_config: dict[str, Any], steps: int, eta: float, spacing: str) -> None:
-        scheduler_class, settings = DIFFUSERS_SCHEDULERS[name]
-        self.scheduler = scheduler_class.from_config(
-            {**scheduler_config, **settings, "prediction_type": "sample", "timestep_spacing": spacing}
-        )
-        self.scheduler.set_timesteps(steps)
+        # The last step lands on alpha-bar 1: the fused x0 itself, as LID's loop ends.
+        self.scheduler = build_scheduler(name, scheduler_config, steps, prediction_type="sample",
+                                         timestep_spacing=spacing, final_alpha_is_one=True)
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
         accepted = inspect.signature(self.scheduler.step).parameters
         self.step_options: dict[str, Any] = {"eta": eta} if "eta" in accepted else {}
@@ -120,6 +111,6 @@ class DiffusersStepper:
 
 
 def make_stepper(config: LargeImageConfig, betas: np.ndarray, scheduler_config: dict[str, Any]) -> Stepper:
-    if config.sampler == SEED_SAMPLER:
-        return SeedDDIMStepper(betas, config.steps, config.eta)
+    if config.sampler == LID_SAMPLER:
+        return LidDDIMStepper(betas, config.steps, config.eta)
     return DiffusersStepper(config.sampler, scheduler_config, config.steps, config.eta, config.timestep_spacing)

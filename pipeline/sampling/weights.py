@@ -9,7 +9,7 @@ WINDOW_WEIGHTS = ("uniform", "gaussian", "hann")
 
 def gaussian_window_weights(size: int, sigma: float) -> torch.Tensor:
     """(size, size) weights exp(-d^2 / sigma^2) / max, d = distance from the centre on a
-    linspace(-1, 1, size) grid in both axes (the seed's `gaussian_kernel`). At sigma 0.8 an
+    linspace(-1, 1, size) grid in both axes (LID's `gaussian_kernel`). At sigma 0.8 an
     edge pixel still weighs 0.21, a corner 0.04."""
     axis = torch.linspace(-1, 1, size)
     squared_distance = axis[:, None] ** 2 + axis[None, :] ** 2

@@ -10,7 +10,7 @@ import torch
 def window_offsets(size: int, window: int, stride: int, shift: int = 0) -> list[int]:
     """Origins along one axis: 0, then every `stride` from `stride + shift`, plus one flush with the edge.
 
-    With shift 0 this is the seed's range(0, size - window + 1, stride), plus the flush origin when
+    With shift 0 this is LID's range(0, size - window + 1, stride), plus the flush origin when
     the stride does not divide size - window (it keeps the edge covered). A shift moves every
     interior window edge while the windows at 0 and at the flush origin keep the borders covered;
     it must leave no gap after the first window (stride + shift <= window).

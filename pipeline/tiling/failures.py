@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+
 
 class Reason(str, enum.Enum):
     NOT_FOUND = "not_found"  # the path does not exist
@@ -22,7 +24,7 @@ class Reason(str, enum.Enum):
     UNEXPECTED_ERROR = "unexpected_error"  # a reader raised something unforeseen: a bug to report
 
 
-class TilingError(Exception):
+class TilingError(PipelineError):
     """An input that cannot be tiled; ``reason`` is machine readable, the message names the file."""
 
     def __init__(self, path: str | Path, reason: Reason, detail: str):

@@ -20,6 +20,8 @@ import numpy as np
 import openslide
 import tifffile
 
+from pipeline.errors import PipelineError
+
 # Vendors whose levels are plain TIFF pages (NDPI, Philips, Ventana... have their own layouts).
 TIFF_VENDORS = {"aperio", "generic-tiff"}
 # Codecs whose decoded RGB bytes match OpenSlide's: JPEG, LZW, Deflate, none.
@@ -29,7 +31,7 @@ DECODED_COMPRESSIONS = {1, 5, 7, 8, 32946}
 TILE_CACHE_BYTES = 192 * 2**20
 
 
-class TileDecodeError(Exception):
+class TileDecodeError(PipelineError):
     """A tile's bytes are missing or corrupt."""
 
 

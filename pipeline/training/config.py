@@ -1,9 +1,9 @@
 """Training settings and the model architectures they name.
 
-Architectures come from the seed's own numbers (`pipeline.models.presets`), so a model trained
-here has exactly the seed's UNet and condition stage, and a seed release can initialise it:
+Architectures come from LID's own numbers (`pipeline.models.presets`), so a model trained
+here has exactly LID's UNet and condition stage, and a LID release can initialise it:
 
-- ``seed``: the released BRCA/CRC/NAIP models: UNet 192 channels, multipliers [1,2,3,5], 2 residual
+- ``lid``: LID's released BRCA/CRC/NAIP models: UNet 192 channels, multipliers [1,2,3,5], 2 residual
   blocks per level, attention at downsampling 2/4/8, one head, one transformer layer, context 512,
   3x64x64 latents (VQ-f4); condition stage: L2-normalise the SSL embedding, Linear -> 512, one token.
 - ``small``: the same block structure at 32 channels, multipliers [1,2], 1 residual block, attention
@@ -16,17 +16,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.models.presets import scheduler_config, seed_full_size_config_dict
-from pipeline.models.seed_config import ConditionSpec, ScheduleSpec, UNetSpec, parse_seed_config
+from pipeline.errors import PipelineError
+from pipeline.models.lid_config import ConditionSpec, ScheduleSpec, UNetSpec, parse_lid_config
+from pipeline.models.presets import lid_full_size_config_dict, scheduler_config
 
-PRESETS = ("seed", "small")
+PRESETS = ("lid", "small")
 
 
 def model_specs(preset: str, patch_embed_dim: int, latent_channels: int = 3,
                 latent_size: int = 64) -> tuple[UNetSpec, ConditionSpec]:
     """(UNet, condition stage) architecture of a preset, for the given embedding and latent sizes."""
-    if preset == "seed":
-        config = parse_seed_config(seed_full_size_config_dict(patch_embed_dim), "<seed preset>")
+    if preset == "lid":
+        config = parse_lid_config(lid_full_size_config_dict(patch_embed_dim), "<LID preset>")
         unet = dataclasses.replace(config.unet, in_channels=latent_channels, out_channels=latent_channels,
                                    image_size=latent_size)
         return unet, config.condition
@@ -35,14 +36,16 @@ def model_specs(preset: str, patch_embed_dim: int, latent_channels: int = 3,
                         channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=1,
                         num_head_channels=-1, transformer_depth=1, context_dim=64, image_size=latent_size)
         return unet, ConditionSpec(patch_embed_dim=patch_embed_dim, target_dim=64, normalize_ssl=True)
-    raise ValueError(f"unknown model preset {preset!r}; known: {list(PRESETS)}")
+    raise PipelineError(f"unknown model preset {preset!r}; known: {list(PRESETS)}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a training run (also stored in every checkpoint).
+    """Everything that defines a training run (also stored in every checkpoint): the config's
+    `training:` table plus embedding_key, patch_embed_dim, holdout_fraction and seed, which the
+    pipeline derives from the dataset and the top-level seed.
 
-    Learning rate: used as given. The seed's main.py multiplied its base rate (1e-4) by
+    Learning rate: used as given. LID's main.py multiplied its base rate (1e-4) by
     batch size x GPUs x accumulation; nothing is scaled here, so set the rate you mean.
     """
 
@@ -57,8 +60,8 @@ class TrainConfig:
     holdout_fraction: float = 0.0  # share of patch keys never trained on (pipeline.splits)
     num_workers: int = 1  # loader processes per rank: 0 (main process) or 1
     # model
-    preset: str = "seed"
-    init_from: str | None = None  # converted seed release folder (configs/ + checkpoints/last.ckpt)
+    preset: str = "lid"
+    init_from: str | None = None  # converted LID release folder (configs/ + checkpoints/last.ckpt)
     gradient_checkpointing: bool = False
     # objective
     num_train_timesteps: int = 1000
@@ -67,9 +70,9 @@ class TrainConfig:
     cfg_dropout: float = 0.1  # share of conditions replaced by zeros before the condition stage
     # optimisation
     learning_rate: float = 1e-4
-    weight_decay: float = 0.01  # torch AdamW's default, which the seed used
+    weight_decay: float = 0.01  # torch AdamW's default, which LID used
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 10000  # linear from 0 to learning_rate, then constant (the seed's schedule)
+    warmup_steps: int = 10000  # linear from 0 to learning_rate, then constant (LID's schedule)
     max_steps: int = 100000
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
@@ -86,22 +89,22 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown model preset {self.preset!r}; known: {list(PRESETS)}")
+            raise PipelineError(f"unknown model preset {self.preset!r}; known: {list(PRESETS)}")
         if self.augment not in ("stored", "latent", "none"):
-            raise ValueError(f"augment must be stored, latent or none, got {self.augment!r}")
+            raise PipelineError(f"augment must be stored, latent or none, got {self.augment!r}")
         if not 0.0 <= self.cfg_dropout < 1.0:
-            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+            raise PipelineError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
         if self.num_workers not in (0, 1):
-            raise ValueError("num_workers must be 0 or 1: one ordered stream per rank keeps resuming exact; "
+            raise PipelineError("num_workers must be 0 or 1: one ordered stream per rank keeps resuming exact; "
                              "loading precomputed latents needs no more")
         for name in ("batch_size", "max_steps", "accumulate_grad_batches", "checkpoint_every", "devices",
                      "num_nodes", "shards_per_block", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise PipelineError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+            raise PipelineError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
-            raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
+            raise PipelineError("learning_rate must be > 0 and warmup_steps >= 0")
 
     def specs(self) -> tuple[UNetSpec, ConditionSpec]:
         return model_specs(self.preset, self.patch_embed_dim, self.latent_channels, self.latent_size)
@@ -115,11 +118,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings: {unknown}")
+        """The config stored in a checkpoint (`to_dict`), older spellings of values renewed."""
+        from pipeline.config import renamed_value, settings_from_table
+
         data = dict(data)
-        if "adam_betas" in data:
-            data["adam_betas"] = tuple(data["adam_betas"])
-        return cls(**data)
+        if "preset" in data:
+            data["preset"] = renamed_value(("training", "preset"), data["preset"])
+        return settings_from_table(cls, data, "training")

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from pipeline.errors import PipelineError
 from pipeline.io.shard_stage import SHARD_GLOB
 from pipeline.io.shards import decode_npy, iter_shard
 from pipeline.splits import is_held_out
@@ -46,11 +47,11 @@ LATENT_FIELDS = ("latent.npy", "latent_hflip.npy", "latent_vflip.npy", "latent_h
 VARIANT_AXES: tuple[tuple[int, ...], ...] = ((), (2,), (1,), (1, 2))
 
 
-class EmbeddingWidthError(ValueError):
+class EmbeddingWidthError(PipelineError):
     """Embeddings in a shard do not have the width the condition stage was built for."""
 
 
-class ShardContentError(ValueError):
+class ShardContentError(PipelineError):
     """A shard lacks a field training needs, or holds one of the wrong shape."""
 
 

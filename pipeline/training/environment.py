@@ -30,11 +30,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pipeline.errors import PipelineError
+
 TORCHELASTIC_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # as TorchElasticEnvironment.detect
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")  # as Lightning's SLURM detection
 
 
-class LaunchConfigError(RuntimeError):
+class LaunchConfigError(PipelineError):
     """The SLURM task layout fits neither SLURM launching nor Lightning launching."""
 
 

@@ -1,6 +1,6 @@
-"""The latent diffusion model as a LightningModule: the seed's UNet + condition stage, ε-prediction.
+"""The latent diffusion model as a LightningModule: LID's UNet + condition stage, ε-prediction.
 
-One training step (as the seed's LatentDiffusion with conditioning_key=crossattn, l_simple only):
+One training step (as LID's LatentDiffusion with conditioning_key=crossattn, l_simple only):
     embeddings -> zeros for the dropped ~10% (classifier-free guidance) -> condition stage
     (L2-normalise, Linear, one token; a zero vector normalises to zero, so the null condition is
     the projection's bias) -> context;
@@ -79,7 +79,7 @@ class LatentDiffusion(L.LightningModule):
             if unet is None:
                 unet = UNet2DConditionModel(**unet_kwargs(unet_spec))
             if condition is None:
-                condition = PatchEmbeddingCondition(condition_spec)
+                condition = PatchEmbeddingCondition.from_spec(condition_spec)
         self.unet = unet.train().requires_grad_(True)
         self.condition = condition.train().requires_grad_(True)
         width = self.condition.patch_fc.in_features

@@ -33,10 +33,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 
+from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_file, remove_path
 from pipeline.models.condition import PatchEmbeddingCondition
-from pipeline.models.seed_checkpoint import find_config, load_seed_checkpoint
-from pipeline.models.seed_config import read_seed_config
+from pipeline.models.lid_release import find_config, load_lid_release
+from pipeline.models.lid_config import read_lid_config
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import LatentDataModule
 from pipeline.training.environment import choose_cluster_environment, cluster_plugins
@@ -61,35 +62,35 @@ def resolve_precision(config: TrainConfig) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def _check_seed_init(config: TrainConfig, folder: str) -> None:
-    seed_config = read_seed_config(find_config(Path(folder)))
-    unet, condition = seed_config.unet, seed_config.condition
+def _check_lid_init(config: TrainConfig, folder: str) -> None:
+    release = read_lid_config(find_config(Path(folder)))
+    unet, condition = release.unet, release.condition
     if condition.patch_embed_dim != config.patch_embed_dim:
-        raise ValueError(f"{folder}: its condition stage takes {condition.patch_embed_dim}-d embeddings, "
+        raise PipelineError(f"{folder}: its condition stage takes {condition.patch_embed_dim}-d embeddings, "
                          f"but patch_embed_dim is {config.patch_embed_dim}")
     if unet.in_channels != config.latent_channels:
-        raise ValueError(f"{folder}: its UNet takes {unet.in_channels} latent channels, but latent_channels "
+        raise PipelineError(f"{folder}: its UNet takes {unet.in_channels} latent channels, but latent_channels "
                          f"is {config.latent_channels}")
 
 
 def build_module(config: TrainConfig, load_init_weights: bool = True) -> LatentDiffusion:
-    """The model; initialised from ``config.init_from`` (a seed release folder) when set.
+    """The model; initialised from ``config.init_from`` (a LID release folder) when set.
 
-    With ``init_from`` the architecture is the seed folder's (its config), whatever ``preset`` says.
+    With ``init_from`` the architecture is the release's (its config), whatever ``preset`` says.
     """
     if config.init_from is None:
         return LatentDiffusion(config)
-    _check_seed_init(config, config.init_from)
+    _check_lid_init(config, config.init_from)
     if load_init_weights:
-        seed = load_seed_checkpoint(config.init_from)
-        return LatentDiffusion(config, seed.unet, seed.condition)
+        release = load_lid_release(config.init_from)
+        return LatentDiffusion(config, release.unet, release.condition)
     from diffusers import UNet2DConditionModel
 
     from pipeline.models.presets import unet_kwargs
 
-    seed_config = read_seed_config(find_config(Path(config.init_from)))
-    return LatentDiffusion(config, UNet2DConditionModel(**unet_kwargs(seed_config.unet)),
-                           PatchEmbeddingCondition(seed_config.condition))
+    release_config = read_lid_config(find_config(Path(config.init_from)))
+    return LatentDiffusion(config, UNet2DConditionModel(**unet_kwargs(release_config.unet)),
+                           PatchEmbeddingCondition.from_spec(release_config.condition))
 
 
 def module_from_checkpoint(path: str | Path, map_location: str = "cpu") -> LatentDiffusion:
@@ -167,7 +168,7 @@ def build_trainer(config: TrainConfig, run_dir: str | Path, callbacks: Sequence[
     return L.Trainer(**settings)
 
 
-class ResumeCheckpointError(ValueError):
+class ResumeCheckpointError(PipelineError):
     """A run folder's last.ckpt that training cannot continue from; the message names the file and why."""
 
 
@@ -182,6 +183,11 @@ def read_resume_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     if not isinstance(settings, dict) or not isinstance(saved.get("state_dict"), Mapping):
         raise ResumeCheckpointError(f"{path}: not a checkpoint of this training stage (no train_config and "
                                     "state_dict); move it away to start the run over")
+    try:
+        settings = TrainConfig.from_dict(settings).to_dict()  # older spellings renewed
+    except PipelineError as exc:
+        raise ResumeCheckpointError(f"{path}: its training settings are no longer valid ({exc}); use a new "
+                                    "run folder") from exc
     changed = {k: (settings.get(k), v) for k, v in config.to_dict().items()
                if k not in RESUMABLE_CHANGES and _norm(settings.get(k)) != _norm(v)}
     if changed:

@@ -1,8 +1,8 @@
-"""Read the seed's CompVis `*-project.yaml` as plain data.
+"""Read LID's CompVis `*-project.yaml` as plain data.
 
 The YAML names Python classes (`target:`), but nothing here imports or instantiates them: each
-`target` is only compared with the seed classes this package re-implements, and only numbers,
-lists and flags are read. Architecture options the seed exposes but never used are accepted only
+`target` is only compared with the LID classes this package re-implements, and only numbers,
+lists and flags are read. Architecture options LID exposes but never used are accepted only
 at their default, so a config that would build a different network fails loudly instead of
 loading into the wrong one. Only the `model` section is read; `data` and `lightning` (training
 set-up) are ignored.
@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.models.errors import SeedFormatError
+from pipeline.models.errors import LidFormatError
 
-# Where in the config a `target` may appear, and which seed classes it may name there.
+# Where in the config a `target` may appear, and which LID classes it may name there.
 KNOWN_TARGETS: dict[str, frozenset[str]] = {
     "model": frozenset({"ldm.models.diffusion.ddpm.LatentDiffusion"}),
     "model.params.unet_config": frozenset({"ldm.modules.diffusionmodules.openaimodel.UNetModel"}),
@@ -36,7 +36,7 @@ _REQUIRED = object()
 
 @dataclass(frozen=True)
 class UNetSpec:
-    """The seed UNet (CompVis `UNetModel` with a spatial transformer), as numbers."""
+    """LID's UNet (CompVis `UNetModel` with a spatial transformer), as numbers."""
 
     in_channels: int
     out_channels: int
@@ -51,7 +51,7 @@ class UNetSpec:
     image_size: int  # latent side length
 
     def heads_at(self, channels: int) -> int:
-        """Attention heads of a transformer with `channels` channels (the seed's legacy rule)."""
+        """Attention heads of a transformer with `channels` channels (LID's legacy rule)."""
         if self.num_head_channels != -1:
             return channels // self.num_head_channels
         return self.num_heads
@@ -59,7 +59,7 @@ class UNetSpec:
 
 @dataclass(frozen=True)
 class VQSpec:
-    """The seed's first stage (CompVis `VQModelInterface`: Encoder, codebook, Decoder)."""
+    """LID's first stage (CompVis `VQModelInterface`: Encoder, codebook, Decoder)."""
 
     embed_dim: int  # codebook vector size = latent channels seen by the UNet
     n_embed: int  # codebook entries
@@ -74,7 +74,7 @@ class VQSpec:
 
 @dataclass(frozen=True)
 class ConditionSpec:
-    """The seed's `PatchEmbedder`: optional L2 normalisation, then one Linear layer."""
+    """LID's `PatchEmbedder`: optional L2 normalisation, then one Linear layer."""
 
     patch_embed_dim: int
     target_dim: int
@@ -91,12 +91,12 @@ class ScheduleSpec:
 
 
 @dataclass(frozen=True)
-class SeedConfig:
+class LidConfig:
     unet: UNetSpec
     vq: VQSpec
     condition: ConditionSpec
     schedule: ScheduleSpec
-    scale_factor: float  # latent scale of the LDM; the seed's models use 1.0
+    scale_factor: float  # latent scale of the LDM; LID's models use 1.0
     scale_by_std: bool  # if true, the checkpoint's `scale_factor` buffer is authoritative
     source: str  # the file (or preset name) it was read from, for error messages
 
@@ -106,11 +106,11 @@ class _Params:
 
     def __init__(self, data: Any, path: str, source: str) -> None:
         if not isinstance(data, Mapping):
-            raise SeedFormatError(f"{source}: '{path}' must be a mapping, got {type(data).__name__}")
+            raise LidFormatError(f"{source}: '{path}' must be a mapping, got {type(data).__name__}")
         self.data, self.path, self.source = data, path, source
 
-    def _fail(self, key: str, reason: str) -> SeedFormatError:
-        return SeedFormatError(f"{self.source}: '{self.path}.{key}' {reason}")
+    def _fail(self, key: str, reason: str) -> LidFormatError:
+        return LidFormatError(f"{self.source}: '{self.path}.{key}' {reason}")
 
     def _get(self, key: str, default: Any) -> Any:
         if key in self.data:
@@ -155,12 +155,12 @@ class _Params:
         """Accept an option only at the one value this package implements."""
         value = self._get(key, default)
         if value != supported:
-            raise self._fail(key, f"is {value!r}; only {supported!r} is supported (the seed's models use it)")
+            raise self._fail(key, f"is {value!r}; only {supported!r} is supported (LID's models use it)")
 
     def reject_unknown(self, known: set[str]) -> None:
         unknown = sorted(set(self.data) - known)
         if unknown:
-            raise SeedFormatError(f"{self.source}: unknown keys under '{self.path}': {unknown}")
+            raise LidFormatError(f"{self.source}: unknown keys under '{self.path}': {unknown}")
 
 
 def _targets(node: Any, path: str) -> Iterator[tuple[str, Any]]:
@@ -176,13 +176,13 @@ def _targets(node: Any, path: str) -> Iterator[tuple[str, Any]]:
 
 
 def check_targets(model_section: Any, source: str) -> None:
-    """Compare every `target:` under `model` with the seed classes known at that place."""
+    """Compare every `target:` under `model` with the LID classes known at that place."""
     for path, target in _targets(model_section, "model"):
         allowed = KNOWN_TARGETS.get(path, frozenset())
         if target not in allowed:
             expected = sorted(allowed) if allowed else "no target at this place"
-            raise SeedFormatError(
-                f"{source}: unknown target {target!r} at '{path}.target'; known seed targets here: {expected}"
+            raise LidFormatError(
+                f"{source}: unknown target {target!r} at '{path}.target'; known LID targets here: {expected}"
             )
 
 
@@ -222,7 +222,7 @@ def _parse_unet(p: _Params, latent_size: int) -> UNetSpec:
         image_size=p.int("image_size", latent_size),
     )
     if spec.num_heads == -1 and spec.num_head_channels == -1:
-        raise SeedFormatError(f"{p.source}: '{p.path}' sets neither num_heads nor num_head_channels")
+        raise LidFormatError(f"{p.source}: '{p.path}' sets neither num_heads nor num_head_channels")
     return spec
 
 
@@ -259,7 +259,7 @@ def _parse_vq(p: _Params) -> VQSpec:
 
 def _parse_condition(p: _Params) -> ConditionSpec:
     p.reject_unknown({"patch_ssl_key", "patch_embed_dim", "target_dim", "normalize_ssl"})
-    # Defaults are those of the seed's PatchEmbedder (its NAIP config relies on them).
+    # Defaults are those of LID's PatchEmbedder (its NAIP config relies on them).
     return ConditionSpec(
         patch_embed_dim=p.int("patch_embed_dim", 768),
         target_dim=p.int("target_dim", 512),
@@ -267,10 +267,10 @@ def _parse_condition(p: _Params) -> ConditionSpec:
     )
 
 
-def parse_seed_config(raw: Any, source: str) -> SeedConfig:
-    """Turn a loaded seed config (the YAML as dicts and lists) into a SeedConfig."""
+def parse_lid_config(raw: Any, source: str) -> LidConfig:
+    """Turn a loaded LID config (the YAML as dicts and lists) into a LidConfig."""
     if not isinstance(raw, Mapping) or "model" not in raw:
-        raise SeedFormatError(f"{source}: not a CompVis latent-diffusion config (no top-level 'model')")
+        raise LidFormatError(f"{source}: not a CompVis latent-diffusion config (no top-level 'model')")
     check_targets(raw["model"], source)
     model = _Params(raw["model"], "model", source).section("params")
     # Training-only keys of LatentDiffusion are ignored; these change what inference computes.
@@ -281,7 +281,7 @@ def parse_seed_config(raw: Any, source: str) -> SeedConfig:
     model.require("use_ema", False, True)
     model.require("learn_logvar", False, False)
     model.require("use_positional_encodings", False, False)
-    config = SeedConfig(
+    config = LidConfig(
         unet=_parse_unet(model.section("unet_config").section("params"), model.int("image_size", 64)),
         vq=_parse_vq(model.section("first_stage_config").section("params")),
         condition=_parse_condition(model.section("cond_stage_config").section("params")),
@@ -298,24 +298,24 @@ def parse_seed_config(raw: Any, source: str) -> SeedConfig:
     return config
 
 
-def _check_consistent(config: SeedConfig) -> None:
+def _check_consistent(config: LidConfig) -> None:
     unet, vq, cond = config.unet, config.vq, config.condition
     if unet.in_channels != vq.embed_dim or unet.out_channels != vq.embed_dim:
-        raise SeedFormatError(
+        raise LidFormatError(
             f"{config.source}: UNet in/out channels ({unet.in_channels}/{unet.out_channels}) "
             f"differ from the first stage's embed_dim ({vq.embed_dim})"
         )
     if unet.context_dim != cond.target_dim:
-        raise SeedFormatError(
+        raise LidFormatError(
             f"{config.source}: UNet context_dim {unet.context_dim} differs from the condition "
             f"stage's target_dim {cond.target_dim}"
         )
 
 
-def read_seed_config(path: Path) -> SeedConfig:
-    """Parse a seed `*-project.yaml` with yaml.safe_load (no Python objects are constructed)."""
+def read_lid_config(path: Path) -> LidConfig:
+    """Parse a LID `*-project.yaml` with yaml.safe_load (no Python objects are constructed)."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as error:
-        raise SeedFormatError(f"{path}: not valid YAML ({error})") from None
-    return parse_seed_config(raw, str(path))
+        raise LidFormatError(f"{path}: not valid YAML ({error})") from None
+    return parse_lid_config(raw, str(path))

@@ -1,12 +1,13 @@
-"""The first-stage autoencoder of the latent diffusion model, as a diffusers module.
+"""The first-stage autoencoder of the latent diffusion model (a diffusers VQModel or AutoencoderKL)
+with where its weights came from, as the latents stage loads it.
 
-Three sources, all loaded without any download:
+Sources, all loaded without any download:
 
-- ``vq``: the seed's VQ autoencoder (CompVis VQ-f4: 3 latent channels, 8192 codes, 128*[1,2,4]
-  channels, scale 1.0), either from a seed release folder (``configs/*-project.yaml`` +
+- ``vq``: LID's VQ autoencoder (CompVis VQ-f4: 3 latent channels, 8192 codes, 128*[1,2,4]
+  channels, scale 1.0), either from a LID release folder (``configs/*-project.yaml`` +
   ``checkpoints/last.ckpt``) or from a CompVis first-stage checkpoint (``vq-f4/model.ckpt``, keys
   without the ``first_stage_model.`` prefix; its ``loss.*`` tensors are dropped). Both go through
-  :func:`pipeline.models.convert.build_vq`, the seed loader's strict converter.
+  :func:`pipeline.models.convert.build_vq`, the LID loader's strict converter.
 - ``kl``: a KL autoencoder (sd-vae-ft-mse layout: f8, 4 channels, scale 0.18215) from a local
   diffusers folder (``config.json`` + weights) or a single ``.safetensors`` file in diffusers or
   CompVis/Stable-Diffusion key layout.
@@ -15,7 +16,7 @@ Three sources, all loaded without any download:
   output written with them records ``random_weights: true``.
 
 Latents are stored *scaled* (``latent = encode(x) * scaling_factor``), so the diffusion model sees
-them as they are and ``decode`` divides the factor out again. The seed's VQ models use 1.0; the KL
+them as they are and ``decode`` divides the factor out again. LID's VQ models use 1.0; the KL
 autoencoder's mean (not a sample of its posterior) is stored, as is usual for precomputed latents.
 """
 
@@ -30,16 +31,17 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
+from pipeline.errors import PipelineError
 from pipeline.models import first_stage
 from pipeline.models.compvis_layout import FIRST_STAGE_PREFIX
 from pipeline.models.convert import build_vq
-from pipeline.models.errors import SeedFormatError
-from pipeline.models.presets import SEED_FULL_SIZE, vq_kwargs
-from pipeline.models.seed_checkpoint import check_schedule, find_config, read_state_dict, CHECKPOINT_NAME
-from pipeline.models.seed_config import VQSpec, read_seed_config
+from pipeline.models.errors import LidFormatError
+from pipeline.models.presets import LID_FULL_SIZE, vq_kwargs
+from pipeline.models.lid_config import VQSpec, read_lid_config
+from pipeline.models.lid_release import CHECKPOINT_NAME, check_schedule, find_config, read_state_dict
 
-# CompVis VQ-f4 (the seed's first stage) as numbers: the seed's full-size preset holds it.
-VQ_F4: VQSpec = SEED_FULL_SIZE.vq
+# CompVis VQ-f4 (LID's first stage) as numbers: LID's full-size preset holds it.
+VQ_F4: VQSpec = LID_FULL_SIZE.vq
 
 # Stable Diffusion's KL autoencoder (stabilityai/sd-vae-ft-mse, its config.json).
 SD_VAE_FT_MSE_KWARGS: dict[str, Any] = {
@@ -71,7 +73,7 @@ RANDOM_PRESETS: dict[str, tuple[VQSpec, int]] = {
 }
 
 
-class RandomWeightsError(RuntimeError):
+class RandomWeightsError(PipelineError):
     """A random-weight autoencoder was requested without allow_random_weights."""
 
 
@@ -87,7 +89,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 @dataclass
 class Autoencoder:
-    """A diffusers VQModel or AutoencoderKL with the seed's encode/decode conventions."""
+    """A diffusers VQModel or AutoencoderKL, its kind and the provenance of its weights."""
 
     model: VQModel | AutoencoderKL
     kind: str  # "vq" | "kl"
@@ -106,13 +108,11 @@ class Autoencoder:
 
     @property
     def latent_channels(self) -> int:
-        if self.kind == "vq":
-            return int(self.model.config.vq_embed_dim or self.model.config.latent_channels)
-        return int(self.model.config.latent_channels)
+        return first_stage.latent_channels(self.model)
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.model.config.block_out_channels) - 1)
+        return first_stage.downsampling_factor(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -130,23 +130,16 @@ class Autoencoder:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/f, W/f), float32.
+        """Images in [-1, 1], (B, C, H, W) -> scaled latents (B, c, H/f, W/f), float32.
 
-        VQ: unquantised ``quant_conv(encoder(x))`` as the seed; KL: the posterior mean.
+        VQ: unquantised ``quant_conv(encoder(x))`` as LID; KL: the posterior mean.
         """
-        if self.kind == "vq":
-            latents = first_stage.encode(self.model, images)
-        else:
-            latents = self.model.encode(images).latent_dist.mode()
-        return latents.float() * self.scaling_factor
+        return first_stage.encode_latents(self.model, images)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in about [-1, 1]; VQ latents are quantised first, as the seed."""
-        latents = latents.to(self.device, torch.float32) / self.scaling_factor
-        if self.kind == "vq":
-            return first_stage.decode(self.model, latents)
-        return self.model.decode(latents).sample
+        """Scaled latents -> images in about [-1, 1]; VQ latents are quantised first, as LID does."""
+        return first_stage.decode_latents(self.model, latents)
 
     def record(self) -> dict[str, Any]:
         """What identifies the latents it produces (written into shard metadata and manifests)."""
@@ -165,10 +158,10 @@ class Autoencoder:
 # --- builders ------------------------------------------------------------------------------------
 
 
-def vq_from_seed_folder(folder: str | Path) -> Autoencoder:
-    """The VQ first stage of a seed release folder (only the first-stage tensors are converted)."""
+def vq_from_lid_release(folder: str | Path) -> Autoencoder:
+    """The VQ first stage of a LID release folder (only the first-stage tensors are converted)."""
     folder = Path(folder)
-    config = read_seed_config(find_config(folder))
+    config = read_lid_config(find_config(folder))
     checkpoint = folder / CHECKPOINT_NAME
     state = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(checkpoint).items()}
     scale = check_schedule(config, state, str(checkpoint)) if "betas" in state else config.scale_factor
@@ -180,7 +173,7 @@ def vq_from_compvis_checkpoint(path: str | Path, spec: VQSpec = VQ_F4, scaling_f
     """A CompVis first-stage checkpoint (e.g. ``vq-f4/model.ckpt``) with the architecture ``spec``.
 
     Its ``loss.*`` tensors (discriminator, LPIPS) are not part of the autoencoder and are dropped;
-    everything else must convert without leftovers (the seed loader's strict converter).
+    everything else must convert without leftovers (the LID loader's strict converter).
     """
     path = Path(path)
     state = read_state_dict(path)
@@ -192,7 +185,7 @@ def vq_from_compvis_checkpoint(path: str | Path, spec: VQSpec = VQ_F4, scaling_f
 def _load_kl_state(model: AutoencoderKL, state: dict[str, torch.Tensor], source: str) -> None:
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise SeedFormatError(
+        raise LidFormatError(
             f"{source}: not a KL autoencoder of the sd-vae-ft-mse layout; missing keys: "
             f"{sorted(result.missing_keys)[:10]}, unexpected keys: {sorted(result.unexpected_keys)[:10]}"
         )
@@ -208,11 +201,11 @@ def kl_from_local(path: str | Path, kwargs: dict[str, Any] | None = None) -> Aut
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise SeedFormatError(f"{path}: not a diffusers model folder (no config.json)")
+            raise LidFormatError(f"{path}: not a diffusers model folder (no config.json)")
         model = AutoencoderKL.from_pretrained(path, local_files_only=True)
         return Autoencoder(model, "kl", str(path))
     if path.suffix != ".safetensors" or not path.is_file():
-        raise SeedFormatError(f"{path}: expected a diffusers folder or a .safetensors file")
+        raise LidFormatError(f"{path}: expected a diffusers folder or a .safetensors file")
     from safetensors.torch import load_file
 
     kwargs = dict(SD_VAE_FT_MSE_KWARGS if kwargs is None else kwargs)
@@ -232,7 +225,7 @@ def random_vq(preset: str = "tiny-vq-f4", seed: int = 0, allow_random_weights: b
             "Set allow_random_weights to use it for demos and tests."
         )
     if preset not in RANDOM_PRESETS:
-        raise ValueError(f"unknown random autoencoder preset {preset!r}; known: {sorted(RANDOM_PRESETS)}")
+        raise PipelineError(f"unknown random autoencoder preset {preset!r}; known: {sorted(RANDOM_PRESETS)}")
     spec, groups = RANDOM_PRESETS[preset]
     kwargs = vq_kwargs(spec, 1.0) | {"norm_num_groups": groups}
     with torch.random.fork_rng(devices=[]):
@@ -244,32 +237,30 @@ def random_vq(preset: str = "tiny-vq-f4", seed: int = 0, allow_random_weights: b
     return Autoencoder(model, "vq", f"random:{preset}:seed={seed}", random_weights=True)
 
 
+@dataclass(frozen=True)
+class AutoencoderSettings:
+    """The config's `latents.autoencoder:` table."""
+
+    kind: str = "lid"  # lid | compvis-vq | kl | random
+    path: str | None = None
+    preset: str | None = None  # random kind: tiny-vq-f4 | tiny-vq-f8 | tiny-vq-f16
+    allow_random_weights: bool = False
+
+    def load(self) -> Autoencoder:
+        return load_autoencoder(self.kind, self.path, preset=self.preset, allow_random_weights=self.allow_random_weights)
+
+
 def load_autoencoder(kind: str, path: str | Path | None = None, *, preset: str | None = None,
                      seed: int = 0, allow_random_weights: bool = False) -> Autoencoder:
-    """One entry point for configs: kind = seed | compvis-vq | kl | random."""
+    """One entry point for configs: kind = lid | compvis-vq | kl | random."""
     if kind == "random":
         return random_vq(preset or "tiny-vq-f4", seed, allow_random_weights)
     if path is None:
-        raise ValueError(f"autoencoder kind {kind!r} needs a path")
-    if kind == "seed":
-        return vq_from_seed_folder(path)
+        raise PipelineError(f"autoencoder kind {kind!r} needs a path")
+    if kind == "lid":
+        return vq_from_lid_release(path)
     if kind == "compvis-vq":
         return vq_from_compvis_checkpoint(path)
     if kind == "kl":
         return kl_from_local(path)
-    raise ValueError(f"unknown autoencoder kind {kind!r} (seed | compvis-vq | kl | random)")
-
-
-def from_pretrained_folder(folder: str | Path, random_weights: bool = False, source: str | None = None) -> Autoencoder:
-    """Load an autoencoder saved with ``save_pretrained`` (VQModel or AutoencoderKL, by its config)."""
-    import json
-
-    folder = Path(folder)
-    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    if class_name == "VQModel":
-        return Autoencoder(VQModel.from_pretrained(folder, local_files_only=True), "vq", source or str(folder),
-                           random_weights)
-    if class_name == "AutoencoderKL":
-        return Autoencoder(AutoencoderKL.from_pretrained(folder, local_files_only=True), "kl",
-                           source or str(folder), random_weights)
-    raise SeedFormatError(f"{folder}: config.json names {class_name!r}, not VQModel or AutoencoderKL")
+    raise PipelineError(f"unknown autoencoder kind {kind!r} (lid | compvis-vq | kl | random)")

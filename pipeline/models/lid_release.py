@@ -1,68 +1,54 @@
-"""Load a seed release folder (`configs/*-project.yaml` + `checkpoints/last.ckpt`) into diffusers models."""
+"""Load a LID release folder (`configs/*-project.yaml` + `checkpoints/last.ckpt`) into the
+pipeline's one model type, `RLDiffPipeline` (diffusers UNet, VQModel, condition stage, scheduler)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel, VQModel
+from diffusers import DDPMScheduler
 
 from pipeline.models.compvis_layout import checkpoint_layout
-from pipeline.models.condition import PatchEmbeddingCondition
 from pipeline.models.convert import build_condition, build_unet, build_vq
-from pipeline.models.errors import SeedFormatError
+from pipeline.models.diffusion_pipeline import PIPELINE_FORMAT, RLDiffPipeline
+from pipeline.models.errors import LidFormatError
+from pipeline.models.lid_config import LidConfig, read_lid_config
 from pipeline.models.presets import compvis_betas, scheduler_config
-from pipeline.models.seed_config import SeedConfig, read_seed_config
 
 CHECKPOINT_NAME = Path("checkpoints") / "last.ckpt"
 CONFIG_GLOB = "configs/*-project.yaml"
-
-
-@dataclass
-class SeedModel:
-    unet: UNet2DConditionModel
-    vae: VQModel
-    condition: PatchEmbeddingCondition
-    betas: np.ndarray  # float64, the seed's training schedule
-    scheduler_config: dict[str, Any]  # for diffusers DDPM/DDIM schedulers
-    scale_factor: float  # latent scale of the LDM (1.0 for the seed's models)
-    config: SeedConfig
-    config_path: Path
-    checkpoint_path: Path
 
 
 def find_config(folder: Path) -> Path:
     """The folder's project config; Lightning writes one per (re)start, so the newest name wins."""
     configs = sorted(folder.glob(CONFIG_GLOB))
     if not configs:
-        raise SeedFormatError(f"{folder}: no {CONFIG_GLOB} (not a seed release folder)")
+        raise LidFormatError(f"{folder}: no {CONFIG_GLOB} (not a LID release folder)")
     return configs[-1]
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The `state_dict` of a Lightning checkpoint, loaded without unpickling arbitrary objects."""
     if not path.is_file():
-        raise SeedFormatError(f"{path}: checkpoint not found")
+        raise LidFormatError(f"{path}: checkpoint not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 -- pickle, zip and torch errors come in many types
-        raise SeedFormatError(f"{path}: cannot be read as a weights-only torch checkpoint ({error})") from None
+        raise LidFormatError(f"{path}: cannot be read as a weights-only torch checkpoint ({error})") from None
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise SeedFormatError(f"{path}: not a Lightning checkpoint (no 'state_dict' mapping)")
+        raise LidFormatError(f"{path}: not a Lightning checkpoint (no 'state_dict' mapping)")
     return dict(checkpoint["state_dict"])
 
 
-def check_layout(config: SeedConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
+def check_layout(config: LidConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Every key the config implies is present with its shape, and nothing else is."""
     required, optional = checkpoint_layout(config)
     missing = sorted(set(required) - set(state))
     unexpected = sorted(set(state) - set(required) - set(optional))
     if missing or unexpected:
-        raise SeedFormatError(
+        raise LidFormatError(
             f"{source}: state_dict does not match {config.source}; "
             f"missing keys: {missing}, unexpected keys: {unexpected}"
         )
@@ -73,57 +59,57 @@ def check_layout(config: SeedConfig, state: Mapping[str, torch.Tensor], source: 
         if tuple(value.shape) != expected[key]
     ]
     if wrong:
-        raise SeedFormatError(f"{source}: tensors with the wrong shape for {config.source}: {wrong}")
+        raise LidFormatError(f"{source}: tensors with the wrong shape for {config.source}: {wrong}")
 
 
-def check_schedule(config: SeedConfig, state: Mapping[str, torch.Tensor], source: str) -> float:
+def check_schedule(config: LidConfig, state: Mapping[str, torch.Tensor], source: str) -> float:
     """Compare the stored schedule with the config's; returns the latent scale factor to use."""
     betas = compvis_betas(config.schedule)
     stored = state["betas"].double().numpy()
     # CompVis computes in float64 and stores float32: allow float32 rounding, nothing more.
     if not np.allclose(stored, betas, rtol=1e-6, atol=0):
         worst = float(np.max(np.abs(stored - betas)))
-        raise SeedFormatError(f"{source}: 'betas' differ from the schedule in {config.source} (max abs {worst:.3g})")
+        raise LidFormatError(f"{source}: 'betas' differ from the schedule in {config.source} (max abs {worst:.3g})")
     if "alphas_cumprod" in state:
         expected = np.cumprod(1.0 - betas)
         if not np.allclose(state["alphas_cumprod"].double().numpy(), expected, rtol=1e-5, atol=0):
-            raise SeedFormatError(f"{source}: 'alphas_cumprod' is not cumprod(1 - betas) of {config.source}")
+            raise LidFormatError(f"{source}: 'alphas_cumprod' is not cumprod(1 - betas) of {config.source}")
     if "scale_factor" not in state:
         return config.scale_factor
     stored_scale = float(state["scale_factor"])
     if not config.scale_by_std and stored_scale != config.scale_factor:
-        raise SeedFormatError(
+        raise LidFormatError(
             f"{source}: 'scale_factor' is {stored_scale}, but {config.source} sets {config.scale_factor}"
         )
     return stored_scale
 
 
-def build_seed_model(
-    config: SeedConfig, state: Mapping[str, torch.Tensor], config_path: Path, checkpoint_path: Path
-) -> SeedModel:
-    """Check a loaded state dict against its config and build the models from it."""
+def build_lid_release(
+    config: LidConfig, state: Mapping[str, torch.Tensor], config_path: Path, checkpoint_path: Path
+) -> RLDiffPipeline:
+    """Check a loaded state dict against its config and build the pipeline from it."""
     source = str(checkpoint_path)
     # Models are float32; `.float()` returns float32 tensors themselves, so nothing is copied.
     state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
     check_layout(config, state, source)
     scale_factor = check_schedule(config, state, source)
-    return SeedModel(
-        unet=build_unet(config.unet, state, source),
-        vae=build_vq(config.vq, scale_factor, state, source),
-        condition=build_condition(config.condition, state, source),
-        betas=compvis_betas(config.schedule),
-        scheduler_config=scheduler_config(config.schedule),
-        scale_factor=scale_factor,
-        config=config,
-        config_path=config_path,
-        checkpoint_path=checkpoint_path,
-    )
+    vae = build_vq(config.vq, scale_factor, state, source)
+    # LID's float64 betas as the scheduler's own (diffusers would recompute them in float32).
+    scheduler = DDPMScheduler.from_config(
+        {**scheduler_config(config.schedule), "trained_betas": compvis_betas(config.schedule).tolist()})
+    autoencoder = {"kind": "vq", "class": "VQModel", "source": source, "random_weights": False,
+                   "scaling_factor": scale_factor}
+    provenance = {"format": PIPELINE_FORMAT, "lid_release": {"config": str(config_path), "checkpoint": source},
+                  "autoencoder": autoencoder, "random_weights": []}
+    return RLDiffPipeline(unet=build_unet(config.unet, state, source), vae=vae,
+                          condition=build_condition(config.condition, state, source), scheduler=scheduler,
+                          provenance=provenance)
 
 
-def load_seed_checkpoint(folder: str | Path) -> SeedModel:
-    """Load a seed release folder on the CPU in float32, in eval mode, without gradients."""
+def load_lid_release(folder: str | Path) -> RLDiffPipeline:
+    """Load a LID release folder on the CPU in float32, in eval mode, without gradients."""
     folder = Path(folder)
     config_path = find_config(folder)
-    config = read_seed_config(config_path)
+    config = read_lid_config(config_path)
     checkpoint_path = folder / CHECKPOINT_NAME
-    return build_seed_model(config, read_state_dict(checkpoint_path), config_path, checkpoint_path)
+    return build_lid_release(config, read_state_dict(checkpoint_path), config_path, checkpoint_path)
