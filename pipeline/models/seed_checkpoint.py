@@ -15,6 +15,7 @@ from pipeline.models.compvis_layout import checkpoint_layout
 from pipeline.models.condition import PatchEmbeddingCondition
 from pipeline.models.convert import build_condition, build_unet, build_vq
 from pipeline.models.errors import SeedFormatError
+from pipeline.models.lightning_checkpoint import load_lightning_checkpoint
 from pipeline.models.presets import compvis_betas, scheduler_config
 from pipeline.models.seed_config import SeedConfig, read_seed_config
 
@@ -44,16 +45,21 @@ def find_config(folder: Path) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The `state_dict` of a Lightning checkpoint, loaded without unpickling arbitrary objects."""
+    """The `state_dict` of a Lightning checkpoint, loaded without unpickling arbitrary objects.
+
+    Lightning 1.x files (the seed's releases) are read by `load_lightning_checkpoint`; everything
+    but `state_dict` (optimizer, schedulers, callbacks) is ignored.
+    """
     if not path.is_file():
         raise SeedFormatError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 -- pickle, zip and torch errors come in many types
-        raise SeedFormatError(f"{path}: cannot be read as a weights-only torch checkpoint ({error})") from None
+    checkpoint = load_lightning_checkpoint(path)
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise SeedFormatError(f"{path}: not a Lightning checkpoint (no 'state_dict' mapping)")
-    return dict(checkpoint["state_dict"])
+    state = checkpoint["state_dict"]
+    not_tensors = sorted(str(key) for key, value in state.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise SeedFormatError(f"{path}: state_dict entries that are not tensors: {not_tensors[:10]}")
+    return dict(state)
 
 
 def check_layout(config: SeedConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
