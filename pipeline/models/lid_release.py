@@ -15,6 +15,7 @@ from pipeline.models.convert import build_condition, build_unet, build_vq
 from pipeline.models.diffusion_pipeline import PIPELINE_FORMAT, RLDiffPipeline
 from pipeline.models.errors import LidFormatError
 from pipeline.models.lid_config import LidConfig, read_lid_config
+from pipeline.models.lightning_checkpoint import load_lightning_checkpoint
 from pipeline.models.presets import compvis_betas, scheduler_config
 
 CHECKPOINT_NAME = Path("checkpoints") / "last.ckpt"
@@ -30,16 +31,21 @@ def find_config(folder: Path) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The `state_dict` of a Lightning checkpoint, loaded without unpickling arbitrary objects."""
+    """The `state_dict` of a Lightning checkpoint, loaded without unpickling arbitrary objects.
+
+    Lightning 1.x files (LID's releases) are read by `load_lightning_checkpoint`; everything
+    but `state_dict` (optimizer, schedulers, callbacks) is ignored.
+    """
     if not path.is_file():
         raise LidFormatError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 -- pickle, zip and torch errors come in many types
-        raise LidFormatError(f"{path}: cannot be read as a weights-only torch checkpoint ({error})") from None
+    checkpoint = load_lightning_checkpoint(path)
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise LidFormatError(f"{path}: not a Lightning checkpoint (no 'state_dict' mapping)")
-    return dict(checkpoint["state_dict"])
+    state = checkpoint["state_dict"]
+    not_tensors = sorted(str(key) for key, value in state.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise LidFormatError(f"{path}: state_dict entries that are not tensors: {not_tensors[:10]}")
+    return dict(state)
 
 
 def check_layout(config: LidConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
