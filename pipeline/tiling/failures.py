@@ -19,6 +19,7 @@ class Reason(str, enum.Enum):
     UNSUPPORTED_DTYPE = "unsupported_dtype"  # aerial pixels that are not 8-bit
     NO_CRS = "no_crs"  # an aerial image without a coordinate reference system
     CRS_IN_DEGREES = "crs_in_degrees"  # geographic CRS: the ground sample distance is not in metres
+    CRS_NOT_GROUND_METRES = "crs_not_ground_metres"  # projected, but map units far from ground metres, no known fix
     UNEXPECTED_ERROR = "unexpected_error"  # a reader raised something unforeseen: a bug to report
 
 
