@@ -38,7 +38,8 @@ def aerial_data() -> None:
 def aerial_spec(**changes) -> DatasetSpec:
     values = dict(name="aerial", kind="aerial", inputs={}, target_mpp=1.0, patch_size=PATCH,
                   tissue_threshold=0.5, mpp_overrides=None, mpp_from_objective=False, bands=(1, 2, 3),
-                  max_nodata_fraction=0.05, image_format="png", jpeg_quality=95, patches_per_shard=2000)
+                  max_nodata_fraction=0.05, max_upsample=1.5, image_format="png", jpeg_quality=95,
+                  patches_per_shard=2000)
     values.update(changes)
     return DatasetSpec(**values)
 
@@ -226,8 +227,25 @@ def test_nodata_tiles_are_dropped_and_fractions_recorded(tmp_path, naip_with_hol
         assert not found[(0, 0)][0][tile_nodata].any()
 
 
+def test_upsampling_is_refused_unless_opted_in(tmp_path):
+    """5 m NAIP at 1 m would be 5x interpolated patches: refused by default (max_upsample 1.5)."""
+    status, manifest, samples = tile(NAIP, tmp_path / "refused", target_mpp=1.0)
+    assert (status["status"], status["reason"]) == ("error", "would_upsample")
+    assert manifest.empty and not samples
+    message = status["message"]
+    for part in (NAIP.name, "5 m/px", "1 m/px", "5x", "max_upsample = 1.5", "max_upsample: 5", "3.333 m/px"):
+        assert part in message, (part, message)
+    at_the_limit = open_aerial_source(NAIP, aerial_spec(target_mpp=5.0 / 1.5))
+    opted_in = open_aerial_source(NAIP, aerial_spec(target_mpp=1.0, max_upsample=5.0))
+    try:
+        assert (opted_in.cols, opted_in.rows) == (934 * 5 // PATCH, 723 * 5 // PATCH)
+    finally:
+        at_the_limit.close()
+        opted_in.close()
+
+
 def test_enlarging_uses_smooth_resampling(tmp_path):
-    status, _, samples = tile(NAIP, tmp_path / "fine", target_mpp=2.5)
+    status, _, samples = tile(NAIP, tmp_path / "fine", target_mpp=2.5, max_upsample=2.0)
     assert status["status"] == "done" and (status["grid_cols"], status["grid_rows"]) == (7, 5)
     assert len(samples) == 35
     with rasterio.open(NAIP) as src:
@@ -240,7 +258,7 @@ def test_enlarging_uses_smooth_resampling(tmp_path):
 
 
 def test_one_read_per_tile_row(monkeypatch):
-    source = open_aerial_source(NAIP, aerial_spec(target_mpp=2.5))
+    source = open_aerial_source(NAIP, aerial_spec(target_mpp=2.5, max_upsample=2.0))
     reads = []
     read = source.dataset.read
     monkeypatch.setattr(source.dataset, "read", lambda *a, **k: reads.append(k["window"]) or read(*a, **k),

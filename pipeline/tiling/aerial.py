@@ -37,7 +37,7 @@ from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
 from pipeline.config import DatasetSpec
-from pipeline.tiling.failures import Reason, TilingError, check_readable_file
+from pipeline.tiling.failures import Reason, TilingError, check_readable_file, check_upsampling
 from pipeline.tiling.outputs import Patch
 
 QC_MAX_SIDE = 1024
@@ -195,6 +195,7 @@ class AerialSource:
         size_x, size_y = pixel_size(dataset.transform)
         scale_x, scale_y = ground_scale(dataset, path, unit)
         self.source_gsd = size_x * scale_x
+        check_upsampling(path, max(self.source_gsd, size_y * scale_y), spec.target_mpp, spec.max_upsample, "m")
         # Source pixels per tile side; x and y differ for non-square source pixels (and, by a few
         # tenths of a percent, for Web Mercator, which is not conformal on the ellipsoid).
         self.read_w = snap(spec.patch_size * spec.target_mpp / (size_x * scale_x))

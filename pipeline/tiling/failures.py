@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from pathlib import Path
 
 
@@ -14,6 +15,7 @@ class Reason(str, enum.Enum):
     NO_MPP = "no_mpp"  # no level-0 resolution in metadata, tags or override table
     ABSURD_MPP = "absurd_mpp"  # a resolution is present but physically implausible
     TOO_SMALL = "too_small"  # the image is smaller than one patch at the target resolution
+    WOULD_UPSAMPLE = "would_upsample"  # the target is finer than the source by more than max_upsample
     NO_TISSUE = "no_tissue"  # tiling kept no patch (all background, or all nodata)
     UNSUPPORTED_BANDS = "unsupported_bands"  # configured bands missing from an aerial image
     UNSUPPORTED_DTYPE = "unsupported_dtype"  # aerial pixels that are not 8-bit
@@ -41,3 +43,15 @@ def check_readable_file(path: str | Path) -> Path:
     if path.is_file() and path.stat().st_size == 0:
         raise TilingError(path, Reason.EMPTY_FILE, "the file is empty (0 bytes)")
     return path
+
+
+def check_upsampling(path: str | Path, source_size: float, target: float, max_upsample: float, unit: str) -> None:
+    """Refuse a target pixel size that would only interpolate the source's pixels (sizes in ``unit``/px)."""
+    factor = source_size / target
+    if factor > max_upsample * (1 + 1e-9):
+        raise TilingError(path, Reason.WOULD_UPSAMPLE,
+                          f"the source has {source_size:.4g} {unit}/px; tiling it at {target:g} {unit}/px would "
+                          f"upsample it {factor:.3g}x, more than max_upsample = {max_upsample:g}: choose a "
+                          f"resolution of at least {source_size / max_upsample:.4g} {unit}/px, or set "
+                          f"max_upsample: {math.ceil(factor * 100) / 100:g} for the dataset to accept "
+                          "interpolated patches")

@@ -19,7 +19,7 @@ import openslide
 from PIL import Image, ImageDraw
 
 from pipeline.config import DatasetSpec
-from pipeline.tiling.failures import Reason, TilingError, check_readable_file
+from pipeline.tiling.failures import Reason, TilingError, check_readable_file, check_upsampling
 from pipeline.tiling.outputs import Patch
 from pipeline.tiling.tiff_tiles import TiffLevelReader, TileDecodeError
 from pipeline.tiling.tissue import box_fractions, is_background_patch, tissue_mask
@@ -181,6 +181,7 @@ class SlideSource:
     def _plan(self) -> None:
         slide, spec, path = self.slide, self.spec, self.path
         self.mpp, mpp_source = level0_mpp(dict(slide.properties), path, spec)
+        check_upsampling(path, self.mpp, spec.target_mpp, spec.max_upsample, "um")
         self.read_size = round(spec.patch_size * spec.target_mpp / self.mpp)
         self.level = best_level(slide.level_downsamples, self.read_size / spec.patch_size)
         width, height = slide.dimensions
