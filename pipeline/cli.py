@@ -144,7 +144,7 @@ def _large_image(args: argparse.Namespace) -> int:
         holdout_inputs=spec.holdout_inputs, k=settings.get("k", 4), count=settings.get("regions", 4),
         mode=settings.get("mode", "fast"), overrides=overrides, seed=args.seed,
         device=resolve_device(settings.get("device", "auto")), png_max_side=settings.get("png_max_side", 4096),
-        tiff=settings.get("tiff", True))
+        tiff=settings.get("tiff", True), jpeg_quality=settings.get("jpeg_quality", 95))
     for row in manifest.itertuples():
         print(f"{args.out}/{row.region}: {row.width}x{row.height} px from {row.input_id} at col {row.col}, "
               f"row {row.row}; {row.unet_evaluations} UNet evaluations, seam score {row.seam_score:.3f}")
