@@ -132,6 +132,46 @@ def test_resolution_from_tiff_tags_and_override_table(bad_dataset, tmp_path):
     assert (row.status, row.mpp_source, row.level0_mpp) == ("done", "override_table", 0.25)
 
 
+def test_no_mpp_names_what_was_looked_at_and_the_override_row_that_fixes_it(bad_dataset):
+    message = bad_dataset[2].loc["no_mpp", "message"]
+    for part in ("openslide.mpp-x", "tiff.XResolution/tiff.ResolutionUnit", "mpp_overrides", "'slide,mpp'",
+                 "'no_mpp.tif,0.25'"):
+        assert part in message, (part, message)
+    # The slide has no objective power: mpp_from_objective would fail the same way.
+    assert "objective" not in message, message
+
+
+def test_no_mpp_offers_the_objective_power_only_when_the_slide_has_one():
+    from pipeline.tiling.slide import level0_mpp
+    from pipeline.tiling.failures import TilingError
+
+    with pytest.raises(TilingError, match=r"mpp_from_objective: true .* 20x = 0.5 um/px") as raised:
+        level0_mpp({"openslide.objective-power": "20"}, DEMO_SLIDE, make_spec())
+    assert "'cmu_small_region.svs,0.5'" in str(raised.value)
+    with pytest.raises(TilingError, match=r"openslide.objective-power \(absent\)") as raised:
+        level0_mpp({}, DEMO_SLIDE, make_spec(mpp_from_objective=True))
+    assert "set mpp_from_objective" not in str(raised.value)
+
+
+@pytest.mark.parametrize("table, detail", [(None, "does not exist"),
+                                           ("name,um\nno_mpp.tif,0.25\n", "needs columns 'slide' and 'mpp'"),
+                                           ("slide,mpp\nno_mpp.tif,quarter\n", "line 2: mpp 'quarter' is not a number")])
+def test_an_unusable_override_table_is_a_typed_failure_naming_it(bad_dataset, tmp_path, table, detail):
+    spec, _, _, _ = bad_dataset
+    csv_path = tmp_path / "mpp overrides.csv"
+    if table is not None:
+        csv_path.write_text(table)
+    broken = make_spec(name="broken", inputs={name: spec.inputs[name] for name in ("good", "no_mpp")},
+                       mpp_overrides=str(csv_path))
+    tile_dataset(broken, tmp_path / "out")
+    status = pd.read_csv(tmp_path / "out" / "status.tsv", sep="\t").set_index("input_id")
+    for input_id in ("good", "no_mpp"):  # the table might have corrected the good slide too
+        row = status.loc[input_id]
+        assert (row.status, row.reason) == ("error", "bad_mpp_overrides"), row.message
+        assert f"the mpp_overrides table {csv_path}" in row.message and detail in row.message
+        assert spec.inputs[input_id] in row.message
+
+
 def test_objective_power_only_when_opted_in(tmp_path):
     from pipeline.tiling.slide import level0_mpp
     from pipeline.tiling.failures import TilingError

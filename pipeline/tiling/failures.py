@@ -13,6 +13,7 @@ class Reason(str, enum.Enum):
     OPEN_FAILED = "open_failed"  # the reader does not recognise or cannot parse the file
     READ_FAILED = "read_failed"  # opened, but pixel data is missing or corrupt (truncated file)
     NO_MPP = "no_mpp"  # no level-0 resolution in metadata, tags or override table
+    BAD_MPP_OVERRIDES = "bad_mpp_overrides"  # the configured mpp_overrides table is missing or malformed
     ABSURD_MPP = "absurd_mpp"  # a resolution is present but physically implausible
     TOO_SMALL = "too_small"  # the image is smaller than one patch at the target resolution
     WOULD_UPSAMPLE = "would_upsample"  # the target is finer than the source by more than max_upsample
