@@ -358,6 +358,15 @@ def test_bad_inputs_fail_with_typed_reasons_and_others_complete(tmp_path, bad_in
     assert statuses["good"]["status"] == "done" and statuses["good"]["patch_count"] == 6
     assert "[1, 2, 5]" in statuses["five_bands"]["message"] and "4 band" in statuses["five_bands"]["message"]
     assert "EPSG:4087" in statuses["plate_carree"]["message"] and "reproject" in statuses["plate_carree"]["message"]
+    # What was read before the failure is recorded.
+    assert {name: statuses["float"][name] for name in ("width", "height", "band_count", "dtype", "crs")} == {
+        "width": 600, "height": 520, "band_count": 3, "dtype": "float32", "crs": "EPSG:26914"}
+    tiny = statuses["tiny"]
+    assert (tiny["width"], tiny["height"], tiny["band_count"], tiny["dtype"], tiny["crs"]) == (
+        200, 200, 3, "uint8", "EPSG:26914")
+    assert (tiny["source_gsd"], tiny["read_size"], tiny["grid_cols"], tiny["grid_rows"]) == (5.0, 256.0, 0, 0)
+    assert statuses["no_crs"]["crs"] is None and statuses["no_crs"]["width"] == 600
+    assert statuses["plate_carree"]["map_units_per_px"] > 0 and "ground_scale" not in statuses["plate_carree"]
 
 
 def test_feet_crs_is_converted_to_metres(tmp_path):

@@ -119,6 +119,45 @@ def test_summary_names_every_failure(bad_dataset):
     assert set(index.input_id) == set(table[table.status == "done"].index)
 
 
+# input id -> facts its status must record although it failed (None: any value, but present)
+FACTS_OF_FAILURES = {
+    "corrupt_tiles": {"vendor": "aperio", "width": 2220, "height": 2967, "level0_mpp": 0.499, "read_size": 257},
+    "no_mpp": {"vendor": "generic-tiff", "width": 1000, "height": 1000},
+    "absurd": {"vendor": "generic-tiff", "width": 1000, "height": 1000},
+    "tiny": {"width": 200, "height": 200, "level0_mpp": 0.5, "read_size": 256, "grid_cols": 0},
+    "blank": {"width": 1024, "height": 1024, "level0_mpp": 0.5, "pixel_reader": None},
+}
+
+
+@pytest.mark.parametrize("input_id", sorted(FACTS_OF_FAILURES))
+def test_a_failed_slide_records_what_was_learnt_before_it_failed(bad_dataset, input_id):
+    _, out, table, _ = bad_dataset
+    saved = json.loads((out / "inputs" / input_id / "status.json").read_text())
+    assert saved["status"] == "error"
+    for name, value in FACTS_OF_FAILURES[input_id].items():
+        assert name in saved and (value is None or saved[name] == pytest.approx(value)), (name, saved)
+        assert value is None or table.loc[input_id, name] == pytest.approx(value)
+
+
+def test_status_table_keeps_slide_read_sizes_integer(bad_dataset):
+    _, out, table, _ = bad_dataset
+    lines = (out / "status.tsv").read_text().splitlines()
+    column = lines[0].split("\t").index("read_size")
+    values = {line.split("\t")[column] for line in lines[1:]}
+    assert "257" in values and not any(value.endswith(".0") for value in values), values
+
+
+def test_summary_gives_each_reason_once(bad_dataset):
+    _, _, table, summary = bad_dataset
+    failed = {line for line in summary.splitlines() if line.strip().startswith("FAILED")}
+    assert len(failed) == (table.status == "error").sum()
+    for line in failed:
+        reason = next(r for r in table.reason.dropna() if f": {r}: " in line)
+        assert line.count(f": {reason}") == 1 and f"({reason}" not in line, line
+    no_mpp = next(line for line in failed if "FAILED no_mpp.tif" in line)
+    assert no_mpp.startswith("  FAILED no_mpp.tif: no_mpp: no level-0 um/px in openslide.mpp-x"), no_mpp
+
+
 def test_resolution_from_tiff_tags_and_override_table(bad_dataset, tmp_path):
     spec, out, table, _ = bad_dataset
     assert table.loc["tagged", "level0_mpp"] == pytest.approx(0.25)

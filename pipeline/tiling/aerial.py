@@ -181,20 +181,32 @@ class AerialSource:
         self.path = path
         self.spec = spec
         self.dataset = open_dataset(path)
+        # Facts about the input, recorded in its status; filled as they are learnt, so that a
+        # failure records everything known when it happened.
+        self.info: dict[str, Any] = {}
         try:
             self._plan()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, TilingError):
+                exc.facts.update(self.info)
             self.dataset.close()
             raise
 
     def _plan(self) -> None:
         dataset, spec, path = self.dataset, self.spec, self.path
+        self.info.update({
+            "crs": (dataset.crs.to_string() or None) if dataset.crs else None,
+            "width": dataset.width, "height": dataset.height, "band_count": dataset.count,
+            "dtype": ",".join(sorted(set(dataset.dtypes))), "bands": list(spec.bands), "gsd": spec.target_mpp,
+        })
         unit = metres_per_crs_unit(dataset, path)
         check_bands(dataset, path, spec.bands)
         self.bands = tuple(spec.bands)
         size_x, size_y = pixel_size(dataset.transform)
+        self.info["map_units_per_px"] = size_x
         scale_x, scale_y = ground_scale(dataset, path, unit)
         self.source_gsd = size_x * scale_x
+        self.info.update(source_gsd=self.source_gsd, ground_scale=scale_x)
         check_upsampling(path, max(self.source_gsd, size_y * scale_y), spec.target_mpp, spec.max_upsample, "m")
         # Source pixels per tile side; x and y differ for non-square source pixels (and, by a few
         # tenths of a percent, for Web Mercator, which is not conformal on the ellipsoid).
@@ -206,14 +218,8 @@ class AerialSource:
         # Whole tiles only: a partial edge tile is dropped, never stretched.
         self.cols = math.floor(dataset.width / self.read_w + SNAP_TOLERANCE)
         self.rows = math.floor(dataset.height / self.read_h + SNAP_TOLERANCE)
-        self.crs = dataset.crs.to_string()
-        self.info: dict[str, Any] = {
-            "source_gsd": self.source_gsd, "map_units_per_px": size_x, "ground_scale": scale_x,
-            "gsd": spec.target_mpp, "crs": self.crs,
-            "width": dataset.width, "height": dataset.height, "band_count": dataset.count,
-            "dtype": ",".join(sorted(set(dataset.dtypes))), "bands": list(self.bands),
-            "read_size": self.read_w, "grid_cols": self.cols, "grid_rows": self.rows,
-        }
+        self.crs = self.info["crs"]
+        self.info.update(read_size=self.read_w, grid_cols=self.cols, grid_rows=self.rows)
         if self.cols == 0 or self.rows == 0:
             raise TilingError(path, Reason.TOO_SMALL,
                               f"{dataset.width}x{dataset.height} px at {self.source_gsd:.4g} m/px is smaller than "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from pathlib import Path
+from typing import Any
 
 
 class Reason(str, enum.Enum):
@@ -33,6 +34,7 @@ class TilingError(Exception):
         self.path = str(path)
         self.reason = Reason(reason)
         self.detail = detail
+        self.facts: dict[str, Any] = {}  # what the reader had learnt about the input (status fields)
         super().__init__(f"{self.path}: {self.reason.value}: {detail}")
 
 

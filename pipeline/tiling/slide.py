@@ -182,10 +182,15 @@ class SlideSource:
             raise TilingError(path, Reason.OPEN_FAILED, f"OpenSlide cannot open it: {exc}") from exc
         self.tiles: TiffLevelReader | None = None
         self.level_image: np.ndarray | None = None
+        # Facts about the slide, recorded in its status; filled as they are learnt, so that a
+        # failure records everything known when it happened.
+        self.info: dict[str, Any] = {}
         try:
             self.tiles = TiffLevelReader.open(path, self.slide)
             self._plan()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, TilingError):
+                exc.facts.update(self.info)
             self.close()
             raise
 
@@ -211,18 +216,17 @@ class SlideSource:
 
     def _plan(self) -> None:
         slide, spec, path = self.slide, self.spec, self.path
+        width, height = slide.dimensions
+        self.info.update(width=width, height=height, vendor=slide.properties.get(openslide.PROPERTY_NAME_VENDOR),
+                         target_mpp=spec.target_mpp)
         self.mpp, mpp_source = level0_mpp(dict(slide.properties), path, spec)
+        self.info.update(level0_mpp=self.mpp, mpp_source=mpp_source)
         check_upsampling(path, self.mpp, spec.target_mpp, spec.max_upsample, "um")
         self.read_size = round(spec.patch_size * spec.target_mpp / self.mpp)
         self.level = best_level(slide.level_downsamples, self.read_size / spec.patch_size)
-        width, height = slide.dimensions
         # Whole patches only: edge tiles are dropped, never stretched.
         self.cols, self.rows = width // self.read_size, height // self.read_size
-        self.info: dict[str, Any] = {
-            "level0_mpp": self.mpp, "mpp_source": mpp_source, "target_mpp": spec.target_mpp,
-            "read_size": self.read_size, "read_level": self.level, "width": width, "height": height,
-            "grid_cols": self.cols, "grid_rows": self.rows, "vendor": slide.properties.get("openslide.vendor"),
-        }
+        self.info.update(read_size=self.read_size, read_level=self.level, grid_cols=self.cols, grid_rows=self.rows)
         if self.cols == 0 or self.rows == 0:
             raise TilingError(path, Reason.TOO_SMALL,
                               f"{width}x{height} px is smaller than one {self.read_size}px patch")
