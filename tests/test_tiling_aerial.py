@@ -330,6 +330,7 @@ def bad_inputs(tmp_path_factory) -> tuple[Path, dict[str, tuple[Path, dict]]]:
         # World Equidistant Cylindrical: metres along the meridians, 1 / cos(47 N) = 1.47 map units
         # per ground metre along the parallels, and no correction known for it.
         "plate_carree": (reprojected(NAIP, "EPSG:4087", folder / "plate_carree.tif"), {}),
+        "all_nodata": (copy_with(folder / "all_nodata.tif", NAIP, np.zeros((4, 723, 934), np.uint8)), {}),
         "good": (NAIP, {}),
     }
     return folder, cases
@@ -339,7 +340,7 @@ BAD_EXPECTED = {
     "missing": {"not_found"}, "empty": {"empty_file"}, "text": {"open_failed"}, "degrees": {"crs_in_degrees"},
     "float": {"unsupported_dtype"}, "no_crs": {"no_crs"}, "tiny": {"too_small"},
     "five_bands": {"unsupported_bands"}, "truncated": {"open_failed", "read_failed"},
-    "plate_carree": {"crs_not_ground_metres"},
+    "plate_carree": {"crs_not_ground_metres"}, "all_nodata": {"no_tissue"},
 }
 
 
@@ -354,7 +355,8 @@ def test_bad_inputs_fail_with_typed_reasons_and_others_complete(tmp_path, bad_in
             assert statuses[name]["reason"] in BAD_EXPECTED[name], (name, statuses[name])
             assert path.name in statuses[name]["message"]
             assert pd.read_parquet(out / "manifest.parquet").empty
-            assert not list(out.glob("*.tar")) and not (out / "thumbnail.jpg").exists()
+            assert not list(out.glob("*.tar"))
+            assert (out / "thumbnail.jpg").exists() == (name == "all_nodata")  # no_tissue shows why
     assert statuses["good"]["status"] == "done" and statuses["good"]["patch_count"] == 6
     assert "[1, 2, 5]" in statuses["five_bands"]["message"] and "4 band" in statuses["five_bands"]["message"]
     assert "EPSG:4087" in statuses["plate_carree"]["message"] and "reproject" in statuses["plate_carree"]["message"]

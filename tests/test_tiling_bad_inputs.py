@@ -98,7 +98,18 @@ def test_each_input_gets_its_typed_outcome(bad_dataset, input_id):
         assert row.reason == reason
         assert spec.inputs[input_id] in row.message  # the message names the file
         assert row.patch_count == 0 and manifest.empty
-        assert not list(folder.glob("*.tar")) and not (folder / "thumbnail.jpg").exists()
+        assert not list(folder.glob("*.tar"))
+        # The QC image shows why nothing was kept; other failures have nothing to show.
+        assert (folder / "thumbnail.jpg").exists() == (reason == "no_tissue")
+
+
+def test_a_slide_without_tissue_gets_its_qc_thumbnail(bad_dataset):
+    _, out, table, _ = bad_dataset
+    assert table.loc["blank", "reason"] == "no_tissue"
+    with Image.open(out / "inputs" / "blank" / "thumbnail.jpg") as thumbnail:
+        assert thumbnail.size == (1024, 1024)
+        pixels = np.asarray(thumbnail.convert("RGB")).astype(int)
+    assert np.abs(pixels - 245).max() <= 3  # the blank glass, nothing tinted as tissue
 
 
 def test_truncated_slide_fails_cleanly(bad_dataset):

@@ -3,7 +3,7 @@
 Each input gets one folder, written as a whole (temporary folder, then rename):
 ``patches-NNNNNN.tar`` shards, ``manifest.parquet``, ``thumbnail.jpg`` and ``status.json``.
 An input that fails still gets a folder with an empty manifest and a status naming the
-reason, so one bad slide never stops the dataset.
+reason, so one bad slide never stops the dataset; a ``no_tissue`` input keeps its thumbnail.
 """
 
 from __future__ import annotations
@@ -102,9 +102,10 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
                                   "json": encode_json(meta)}
                         shard = shards.write(key, fields)
                         rows.append({"key": key, **meta, "shard": shard})
+                # Written for no_tissue too: the mask (or nodata) it shows is why nothing was kept.
+                source.qc_thumbnail().save(temp / THUMBNAIL_FILE, quality=90)
                 if not rows:
                     raise TilingError(path, Reason.NO_TISSUE, "no patch passed the tissue / nodata filters")
-                source.qc_thumbnail().save(temp / THUMBNAIL_FILE, quality=90)
             finally:
                 source.close()
             status.update(status="done", reason=None, message=None, patch_count=len(rows))
@@ -113,8 +114,10 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
                 path, Reason.UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
             if not isinstance(exc, TilingError):
                 log.exception("unexpected error while tiling %s", path)
+            keep = {THUMBNAIL_FILE} if failure.reason is Reason.NO_TISSUE else set()
             for leftover in temp.iterdir():  # drop shards of a half-read input
-                leftover.unlink()
+                if leftover.name not in keep:
+                    leftover.unlink()
             rows = []
             status.update(failure.facts)
             status.update(status="error", reason=failure.reason.value, message=str(failure), patch_count=0)
