@@ -203,9 +203,11 @@ def test_no_mpp_offers_the_objective_power_only_when_the_slide_has_one():
     assert "set mpp_from_objective" not in str(raised.value)
 
 
-@pytest.mark.parametrize("table, detail", [(None, "does not exist"),
-                                           ("name,um\nno_mpp.tif,0.25\n", "needs columns 'slide' and 'mpp'"),
-                                           ("slide,mpp\nno_mpp.tif,quarter\n", "line 2: mpp 'quarter' is not a number")])
+@pytest.mark.parametrize("table, detail", [
+    (None, "does not exist"),
+    ("name,um\nno_mpp.tif,0.25\n", "needs columns 'slide' and 'mpp'"),
+    ("slide,mpp\nno_mpp.tif,quarter\n", "line 2: mpp 'quarter' is not a number"),
+])
 def test_an_unusable_override_table_is_a_typed_failure_naming_it(bad_dataset, tmp_path, table, detail):
     spec, _, _, _ = bad_dataset
     csv_path = tmp_path / "mpp overrides.csv"

@@ -9,9 +9,11 @@ scale is close to 1. The scale is measured at the image's centre (two points 100
 converted to Earth-centred XYZ on the WGS 84 ellipsoid). Within ``GROUND_UNIT_TOLERANCE`` of the
 declared unit (UTM, state planes: well under 1 % inside their zones) the declared unit is used;
 a Mercator-family CRS (EPSG:3857, 3395: about 1 / cos(latitude) map units per ground metre) is
-scaled by the measured factor; any other CRS that far from ground units is refused. Tiles are resampled by GDAL while reading (average
-when shrinking, so overviews are used; bilinear when enlarging) and copied exactly when the
-source already has the target ground sample distance. Only whole tiles are cut.
+scaled by the measured factor; any other CRS that far from ground units is refused.
+
+Tiles are resampled by GDAL while reading (average when shrinking, so overviews are used;
+bilinear when enlarging) and copied exactly when the source already has the target ground
+sample distance. Only whole tiles are cut.
 
 Nodata, internal masks and alpha all reach us as GDAL band masks; a tile whose masked share
 exceeds ``max_nodata_fraction`` is dropped, and masked pixels of kept tiles are set to 0.
@@ -79,9 +81,9 @@ def ground_metres_per_unit(dataset: DatasetReader, axis: tuple[float, float]) ->
     """Ground metres per CRS unit at the image's centre along ``axis`` (a step in pixels), or
     None when the CRS cannot be placed on the Earth (an engineering CRS, a point outside it).
 
-    The two points are converted to Earth-centred coordinates on the ellipsoid (height 0): their
-    straight-line distance is the ground distance (the chord is shorter than the arc by ~1e-10
-    over 100 pixels). A datum shift moves both points alike.
+    The two points are converted to Earth-centred coordinates on the WGS 84 ellipsoid (height 0):
+    their straight-line distance is the ground distance (the chord is shorter than the arc by
+    ~1e-10 over 100 pixels). A datum shift moves both points alike.
     """
     source = tuple(float(v) for v in tuple(dataset.transform)[:6])
     centre_col, centre_row = dataset.width / 2, dataset.height / 2
