@@ -40,7 +40,7 @@ def demo_tiles(root: Path, copies: int) -> Path:
     """The demo slide's real tiles, its shard repeated ``copies`` times for a longer run."""
     spec = DatasetSpec(name="bench", kind="wsi", inputs={"demo": str(DEMO_SLIDE)}, target_mpp=0.5,
                        patch_size=256, tissue_threshold=0.5, mpp_overrides=None, mpp_from_objective=False,
-                       bands=(1, 2, 3), max_nodata_fraction=0.05, image_format="jpg", jpeg_quality=95,
+                       bands=(1, 2, 3), max_nodata_fraction=0.05, max_upsample=1.5, image_format="jpg", jpeg_quality=95,
                        patches_per_shard=10_000)
     single = root / "single"
     tile_input(spec, "demo", DEMO_SLIDE, single, open_slide_source)

@@ -198,6 +198,7 @@ class DatasetSpec:
     mpp_from_objective: bool
     bands: tuple[int, ...]
     max_nodata_fraction: float
+    max_upsample: float  # source pixel size / target pixel size allowed
     image_format: str
     jpeg_quality: int
     patches_per_shard: int
@@ -284,6 +285,7 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
             mpp_from_objective=ds["mpp_from_objective"],
             bands=tuple(ds["bands"]),
             max_nodata_fraction=ds["max_nodata_fraction"],
+            max_upsample=float(ds["max_upsample"]),
             image_format=ds["image_format"],
             jpeg_quality=ds["jpeg_quality"],
             patches_per_shard=ds["patches_per_shard"],

@@ -25,7 +25,7 @@ def make_spec(**changes):
 
     base = DatasetSpec(
         name="test", kind="wsi", inputs={}, target_mpp=0.5, patch_size=256, tissue_threshold=0.5,
-        mpp_overrides=None, mpp_from_objective=False, bands=(1, 2, 3), max_nodata_fraction=0.05,
+        mpp_overrides=None, mpp_from_objective=False, bands=(1, 2, 3), max_nodata_fraction=0.05, max_upsample=1.5,
         image_format="png", jpeg_quality=95, patches_per_shard=2000,
     )
     return dataclasses.replace(base, **changes)

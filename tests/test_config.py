@@ -23,6 +23,7 @@ def test_demo_config_is_valid_and_resolved(monkeypatch):
     assert Path(REPO / spec.inputs["cmu_small_region"]).is_file()
     # defaults filled in from the schema
     assert spec.image_format == "jpg" and spec.bands == (1, 2, 3) and config["seed"] == 0
+    assert spec.max_upsample == 1.5 and config["large_image"]["jpeg_quality"] == 95
 
 
 @pytest.mark.parametrize("label, mpp", [("20x", 0.5), ("5x", 2.0), ("40X", 0.25), ("10x", 1.0), (0.25, 0.25)])

@@ -139,6 +139,17 @@ def test_thumbnail_sheet_shows_every_input(tmp_path, patches):
     assert grey.sum() > 0.8 * 200 * 133 and (np.abs(array[:, 10:210].astype(int) - 225) < 6).all(axis=2).sum() < 500
 
 
+def test_thumbnail_placeholder_says_why_there_is_none(tmp_path, patches, monkeypatch):
+    from pipeline.reporting import assets
+
+    texts = []
+    drawn = assets.placeholder
+    monkeypatch.setattr(assets, "placeholder", lambda size, text: texts.append(text) or drawn(size, text))
+    tiles = make_tiles(tmp_path, patches[0])
+    thumbnail_sheet(tiles, tmp_path / "thumbs.jpg", "d", cell=200)
+    assert texts == ["no thumbnail: not_found"]  # not "could not be read": the file does not exist
+
+
 def test_training_log_merges_restarts_and_the_svg_marks_them(tmp_path):
     run = make_training(tmp_path)
     log = read_training_log(run)

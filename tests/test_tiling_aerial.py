@@ -15,6 +15,8 @@ import rasterio
 from PIL import Image
 from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.warp import calculate_default_transform, reproject
+from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
 from pipeline.config import DatasetSpec
@@ -36,7 +38,8 @@ def aerial_data() -> None:
 def aerial_spec(**changes) -> DatasetSpec:
     values = dict(name="aerial", kind="aerial", inputs={}, target_mpp=1.0, patch_size=PATCH,
                   tissue_threshold=0.5, mpp_overrides=None, mpp_from_objective=False, bands=(1, 2, 3),
-                  max_nodata_fraction=0.05, image_format="png", jpeg_quality=95, patches_per_shard=2000)
+                  max_nodata_fraction=0.05, max_upsample=1.5, image_format="png", jpeg_quality=95,
+                  patches_per_shard=2000)
     values.update(changes)
     return DatasetSpec(**values)
 
@@ -82,33 +85,93 @@ def copy_with(path: Path, source: Path, pixels: np.ndarray | None = None, **prof
     return path
 
 
-def test_cog_is_resampled_to_one_metre_on_a_ground_grid(tmp_path):
-    status, manifest, samples = tile(COG, tmp_path / "cog", target_mpp=1.0)
+def centre_latitude(path: Path) -> float:
+    with rasterio.open(path) as src:
+        x, y = src.xy(src.height / 2, src.width / 2)
+        return transform_points(src.crs, "EPSG:4326", [x], [y])[1][0]
+
+
+def test_cog_in_web_mercator_is_tiled_on_a_ground_grid(tmp_path):
+    """EPSG:3857 map units are 1 / cos(latitude) ground metres: at the COG's 37.7 N a map unit is
+    0.79 m, so 0.6 m tiles read 1.27x (not 1.005x) the source's 0.597-unit pixels."""
+    latitude = centre_latitude(COG)
+    assert latitude == pytest.approx(37.6686, abs=1e-3)
+    status, manifest, samples = tile(COG, tmp_path / "cog", target_mpp=0.6)
     with rasterio.open(COG) as src:
+        map_units = src.res[0]
+        ground_gsd = map_units * math.cos(math.radians(latitude))  # spherical Web Mercator
+        read_size = PATCH * 0.6 / ground_gsd
         left, top = src.transform.c, src.transform.f
-        cols = math.floor(src.width * src.res[0] / PATCH)
-        rows = math.floor(src.height * src.res[1] / PATCH)
-        read_size = PATCH * 1.0 / src.res[0]
         assert status["status"] == "done", status
-        assert (status["grid_cols"], status["grid_rows"]) == (cols, rows) == (2, 2)
-        assert status["source_gsd"] == pytest.approx(0.5971640348434448)
-        assert status["crs"] == "EPSG:3857" and status["gsd"] == 1.0
-        assert len(samples) == len(manifest) == cols * rows
+        assert status["crs"] == "EPSG:3857" and status["gsd"] == 0.6
+        assert status["map_units_per_px"] == pytest.approx(0.5971640348434448)
+        # Measured on the WGS 84 ellipsoid: within 0.2 % of the spherical cos(latitude).
+        assert status["ground_scale"] == pytest.approx(math.cos(math.radians(latitude)), rel=2e-3)
+        assert status["source_gsd"] == pytest.approx(ground_gsd, rel=2e-3)
+        assert status["read_size"] == pytest.approx(read_size, rel=0.01)
+        cols = math.floor(src.width / status["read_size"])
+        assert (status["grid_cols"], status["grid_rows"]) == (cols, cols) == (3, 3)
+        assert len(samples) == len(manifest) == 9
         for (col, row), (rgb, meta) in by_position(samples).items():
             assert rgb.shape == (PATCH, PATCH, 3) and rgb.dtype == np.uint8
-            assert meta["crs"] == "EPSG:3857" and meta["gsd"] == 1.0 and meta["bands"] == [1, 2, 3]
-            assert meta["x"] == pytest.approx(col * read_size) and meta["y"] == pytest.approx(row * read_size)
-            assert meta["read_size"] == pytest.approx(read_size)
+            assert meta["crs"] == "EPSG:3857" and meta["gsd"] == 0.6 and meta["bands"] == [1, 2, 3]
+            assert meta["source_gsd"] == status["source_gsd"] and meta["ground_scale"] == status["ground_scale"]
+            assert meta["read_size"] == pytest.approx(read_size, rel=0.01)
+            assert meta["x"] == pytest.approx(col * meta["read_size"])
             a, b, c, d, e, f = meta["transform"]
-            assert (a, b, d, e) == pytest.approx((1.0, 0.0, 0.0, -1.0))
-            assert (c, f) == pytest.approx((left + col * PATCH, top - row * PATCH))
-            assert meta["bounds"] == pytest.approx([c, f - PATCH, c + PATCH, f])
+            # A target pixel is 0.6 ground metres: 0.6 / cos(latitude) map units.
+            assert (a, -e) == pytest.approx((0.6 / math.cos(math.radians(latitude)),) * 2, rel=0.01)
+            assert (b, d) == (0.0, 0.0)
+            assert (c, f) == pytest.approx((left + col * PATCH * a, top + row * PATCH * e))
+            assert meta["bounds"] == pytest.approx([c, f + PATCH * e, c + PATCH * a, f])
             assert meta["nodata_fraction"] == 0.0
-            expected = src.read((1, 2, 3), window=Window(meta["x"], meta["y"], read_size, read_size),
-                                out_shape=(3, PATCH, PATCH), resampling=Resampling.average).transpose(1, 2, 0)
+            window = Window(meta["x"], meta["y"], PATCH * a / map_units, PATCH * -e / map_units)
+            expected = src.read((1, 2, 3), window=window, out_shape=(3, PATCH, PATCH),
+                                resampling=Resampling.average).transpose(1, 2, 0)
             assert np.abs(rgb.astype(float) - expected).mean() < 1.0
     with Image.open(tmp_path / "cog" / "thumbnail.jpg") as thumbnail:
         assert max(thumbnail.size) <= 1024 and thumbnail.mode == "RGB"
+
+
+def reprojected(source: Path, crs: str, path: Path) -> Path:
+    """``source`` warped to ``crs`` (bilinear, about as many pixels), tagged gray like NAIP."""
+    with rasterio.open(source) as src:
+        affine, width, height = calculate_default_transform(src.crs, crs, src.width, src.height, *src.bounds)
+        profile = {**src.profile, "crs": crs, "transform": affine, "width": width, "height": height,
+                   "photometric": "minisblack"}
+        with rasterio.open(path, "w", **profile) as dst:
+            for band in range(1, src.count + 1):
+                reproject(rasterio.band(src, band), rasterio.band(dst, band), resampling=Resampling.bilinear)
+    return path
+
+
+@pytest.fixture(scope="module")
+def naip_in_web_mercator(tmp_path_factory) -> Path:
+    """The NAIP tile (EPSG:26914, true 5 m) reprojected to EPSG:3857: at 47.0 N, 7.33 map units/px."""
+    return reprojected(NAIP, "EPSG:3857", tmp_path_factory.mktemp("mercator") / "naip_3857.tif")
+
+
+def ground_sides(meta: dict, crs: str) -> tuple[float, float]:
+    """Ground length in metres of a tile's top and left edges, measured in UTM (EPSG:26914)."""
+    a, b, c, d, e, f = meta["transform"]
+    xs, ys = transform_points(crs, "EPSG:26914", [c, c + PATCH * a, c + PATCH * b],
+                              [f, f + PATCH * d, f + PATCH * e])
+    return math.dist((xs[0], ys[0]), (xs[1], ys[1])), math.dist((xs[0], ys[0]), (xs[2], ys[2]))
+
+
+def test_the_same_ground_in_utm_and_web_mercator_gives_the_same_grid(tmp_path, naip_in_web_mercator):
+    utm_status, _, utm = tile(NAIP, tmp_path / "utm", target_mpp=5.0)
+    merc_status, _, merc = tile(naip_in_web_mercator, tmp_path / "merc", target_mpp=5.0)
+    assert utm_status["status"] == merc_status["status"] == "done"
+    assert merc_status["map_units_per_px"] == pytest.approx(7.33, abs=0.01)
+    assert merc_status["source_gsd"] == pytest.approx(5.0, rel=0.01)
+    assert (merc_status["grid_cols"], merc_status["grid_rows"]) == (utm_status["grid_cols"], utm_status["grid_rows"])
+    for samples, crs in ((utm, "EPSG:26914"), (merc, "EPSG:3857")):
+        for _, meta in samples.values():
+            assert ground_sides(meta, crs) == pytest.approx((PATCH * 5.0, PATCH * 5.0), rel=0.01), (crs, meta)
+    utm_tiles = by_position(utm)
+    for position, (rgb, _) in by_position(merc).items():  # the same ground, resampled twice
+        assert np.abs(rgb.astype(float) - utm_tiles[position][0]).mean() < 8, position
 
 
 def test_naip_at_native_gsd_is_copied_exactly_in_band_order(tmp_path):
@@ -164,8 +227,25 @@ def test_nodata_tiles_are_dropped_and_fractions_recorded(tmp_path, naip_with_hol
         assert not found[(0, 0)][0][tile_nodata].any()
 
 
+def test_upsampling_is_refused_unless_opted_in(tmp_path):
+    """5 m NAIP at 1 m would be 5x interpolated patches: refused by default (max_upsample 1.5)."""
+    status, manifest, samples = tile(NAIP, tmp_path / "refused", target_mpp=1.0)
+    assert (status["status"], status["reason"]) == ("error", "would_upsample")
+    assert manifest.empty and not samples
+    message = status["message"]
+    for part in (NAIP.name, "5 m/px", "1 m/px", "5x", "max_upsample = 1.5", "max_upsample: 5", "3.333 m/px"):
+        assert part in message, (part, message)
+    at_the_limit = open_aerial_source(NAIP, aerial_spec(target_mpp=5.0 / 1.5))
+    opted_in = open_aerial_source(NAIP, aerial_spec(target_mpp=1.0, max_upsample=5.0))
+    try:
+        assert (opted_in.cols, opted_in.rows) == (934 * 5 // PATCH, 723 * 5 // PATCH)
+    finally:
+        at_the_limit.close()
+        opted_in.close()
+
+
 def test_enlarging_uses_smooth_resampling(tmp_path):
-    status, _, samples = tile(NAIP, tmp_path / "fine", target_mpp=2.5)
+    status, _, samples = tile(NAIP, tmp_path / "fine", target_mpp=2.5, max_upsample=2.0)
     assert status["status"] == "done" and (status["grid_cols"], status["grid_rows"]) == (7, 5)
     assert len(samples) == 35
     with rasterio.open(NAIP) as src:
@@ -178,7 +258,7 @@ def test_enlarging_uses_smooth_resampling(tmp_path):
 
 
 def test_one_read_per_tile_row(monkeypatch):
-    source = open_aerial_source(NAIP, aerial_spec(target_mpp=2.5))
+    source = open_aerial_source(NAIP, aerial_spec(target_mpp=2.5, max_upsample=2.0))
     reads = []
     read = source.dataset.read
     monkeypatch.setattr(source.dataset, "read", lambda *a, **k: reads.append(k["window"]) or read(*a, **k),
@@ -247,6 +327,10 @@ def bad_inputs(tmp_path_factory) -> tuple[Path, dict[str, tuple[Path, dict]]]:
         "tiny": (write_geotiff(folder / "tiny.tif", rgb[:, :200, :200], "EPSG:26914", utm), {}),
         "five_bands": (NAIP, {"bands": (1, 2, 5)}),
         "truncated": (folder / "truncated.tif", {}),
+        # World Equidistant Cylindrical: metres along the meridians, 1 / cos(47 N) = 1.47 map units
+        # per ground metre along the parallels, and no correction known for it.
+        "plate_carree": (reprojected(NAIP, "EPSG:4087", folder / "plate_carree.tif"), {}),
+        "all_nodata": (copy_with(folder / "all_nodata.tif", NAIP, np.zeros((4, 723, 934), np.uint8)), {}),
         "good": (NAIP, {}),
     }
     return folder, cases
@@ -256,6 +340,7 @@ BAD_EXPECTED = {
     "missing": {"not_found"}, "empty": {"empty_file"}, "text": {"open_failed"}, "degrees": {"crs_in_degrees"},
     "float": {"unsupported_dtype"}, "no_crs": {"no_crs"}, "tiny": {"too_small"},
     "five_bands": {"unsupported_bands"}, "truncated": {"open_failed", "read_failed"},
+    "plate_carree": {"crs_not_ground_metres"}, "all_nodata": {"no_tissue"},
 }
 
 
@@ -270,9 +355,20 @@ def test_bad_inputs_fail_with_typed_reasons_and_others_complete(tmp_path, bad_in
             assert statuses[name]["reason"] in BAD_EXPECTED[name], (name, statuses[name])
             assert path.name in statuses[name]["message"]
             assert pd.read_parquet(out / "manifest.parquet").empty
-            assert not list(out.glob("*.tar")) and not (out / "thumbnail.jpg").exists()
+            assert not list(out.glob("*.tar"))
+            assert (out / "thumbnail.jpg").exists() == (name == "all_nodata")  # no_tissue shows why
     assert statuses["good"]["status"] == "done" and statuses["good"]["patch_count"] == 6
     assert "[1, 2, 5]" in statuses["five_bands"]["message"] and "4 band" in statuses["five_bands"]["message"]
+    assert "EPSG:4087" in statuses["plate_carree"]["message"] and "reproject" in statuses["plate_carree"]["message"]
+    # What was read before the failure is recorded.
+    assert {name: statuses["float"][name] for name in ("width", "height", "band_count", "dtype", "crs")} == {
+        "width": 600, "height": 520, "band_count": 3, "dtype": "float32", "crs": "EPSG:26914"}
+    tiny = statuses["tiny"]
+    assert (tiny["width"], tiny["height"], tiny["band_count"], tiny["dtype"], tiny["crs"]) == (
+        200, 200, 3, "uint8", "EPSG:26914")
+    assert (tiny["source_gsd"], tiny["read_size"], tiny["grid_cols"], tiny["grid_rows"]) == (5.0, 256.0, 0, 0)
+    assert statuses["no_crs"]["crs"] is None and statuses["no_crs"]["width"] == 600
+    assert statuses["plate_carree"]["map_units_per_px"] > 0 and "ground_scale" not in statuses["plate_carree"]
 
 
 def test_feet_crs_is_converted_to_metres(tmp_path):

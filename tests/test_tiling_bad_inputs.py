@@ -98,7 +98,18 @@ def test_each_input_gets_its_typed_outcome(bad_dataset, input_id):
         assert row.reason == reason
         assert spec.inputs[input_id] in row.message  # the message names the file
         assert row.patch_count == 0 and manifest.empty
-        assert not list(folder.glob("*.tar")) and not (folder / "thumbnail.jpg").exists()
+        assert not list(folder.glob("*.tar"))
+        # The QC image shows why nothing was kept; other failures have nothing to show.
+        assert (folder / "thumbnail.jpg").exists() == (reason == "no_tissue")
+
+
+def test_a_slide_without_tissue_gets_its_qc_thumbnail(bad_dataset):
+    _, out, table, _ = bad_dataset
+    assert table.loc["blank", "reason"] == "no_tissue"
+    with Image.open(out / "inputs" / "blank" / "thumbnail.jpg") as thumbnail:
+        assert thumbnail.size == (1024, 1024)
+        pixels = np.asarray(thumbnail.convert("RGB")).astype(int)
+    assert np.abs(pixels - 245).max() <= 3  # the blank glass, nothing tinted as tissue
 
 
 def test_truncated_slide_fails_cleanly(bad_dataset):
@@ -119,6 +130,45 @@ def test_summary_names_every_failure(bad_dataset):
     assert set(index.input_id) == set(table[table.status == "done"].index)
 
 
+# input id -> facts its status must record although it failed (None: any value, but present)
+FACTS_OF_FAILURES = {
+    "corrupt_tiles": {"vendor": "aperio", "width": 2220, "height": 2967, "level0_mpp": 0.499, "read_size": 257},
+    "no_mpp": {"vendor": "generic-tiff", "width": 1000, "height": 1000},
+    "absurd": {"vendor": "generic-tiff", "width": 1000, "height": 1000},
+    "tiny": {"width": 200, "height": 200, "level0_mpp": 0.5, "read_size": 256, "grid_cols": 0},
+    "blank": {"width": 1024, "height": 1024, "level0_mpp": 0.5, "pixel_reader": None},
+}
+
+
+@pytest.mark.parametrize("input_id", sorted(FACTS_OF_FAILURES))
+def test_a_failed_slide_records_what_was_learnt_before_it_failed(bad_dataset, input_id):
+    _, out, table, _ = bad_dataset
+    saved = json.loads((out / "inputs" / input_id / "status.json").read_text())
+    assert saved["status"] == "error"
+    for name, value in FACTS_OF_FAILURES[input_id].items():
+        assert name in saved and (value is None or saved[name] == pytest.approx(value)), (name, saved)
+        assert value is None or table.loc[input_id, name] == pytest.approx(value)
+
+
+def test_status_table_keeps_slide_read_sizes_integer(bad_dataset):
+    _, out, table, _ = bad_dataset
+    lines = (out / "status.tsv").read_text().splitlines()
+    column = lines[0].split("\t").index("read_size")
+    values = {line.split("\t")[column] for line in lines[1:]}
+    assert "257" in values and not any(value.endswith(".0") for value in values), values
+
+
+def test_summary_gives_each_reason_once(bad_dataset):
+    _, _, table, summary = bad_dataset
+    failed = {line for line in summary.splitlines() if line.strip().startswith("FAILED")}
+    assert len(failed) == (table.status == "error").sum()
+    for line in failed:
+        reason = next(r for r in table.reason.dropna() if f": {r}: " in line)
+        assert line.count(f": {reason}") == 1 and f"({reason}" not in line, line
+    no_mpp = next(line for line in failed if "FAILED no_mpp.tif" in line)
+    assert no_mpp.startswith("  FAILED no_mpp.tif: no_mpp: no level-0 um/px in openslide.mpp-x"), no_mpp
+
+
 def test_resolution_from_tiff_tags_and_override_table(bad_dataset, tmp_path):
     spec, out, table, _ = bad_dataset
     assert table.loc["tagged", "level0_mpp"] == pytest.approx(0.25)
@@ -130,6 +180,48 @@ def test_resolution_from_tiff_tags_and_override_table(bad_dataset, tmp_path):
     tile_dataset(fixed, tmp_path / "fixed")
     row = pd.read_csv(tmp_path / "fixed" / "status.tsv", sep="\t").iloc[0]
     assert (row.status, row.mpp_source, row.level0_mpp) == ("done", "override_table", 0.25)
+
+
+def test_no_mpp_names_what_was_looked_at_and_the_override_row_that_fixes_it(bad_dataset):
+    message = bad_dataset[2].loc["no_mpp", "message"]
+    for part in ("openslide.mpp-x", "tiff.XResolution/tiff.ResolutionUnit", "mpp_overrides", "'slide,mpp'",
+                 "'no_mpp.tif,0.25'"):
+        assert part in message, (part, message)
+    # The slide has no objective power: mpp_from_objective would fail the same way.
+    assert "objective" not in message, message
+
+
+def test_no_mpp_offers_the_objective_power_only_when_the_slide_has_one():
+    from pipeline.tiling.slide import level0_mpp
+    from pipeline.tiling.failures import TilingError
+
+    with pytest.raises(TilingError, match=r"mpp_from_objective: true .* 20x = 0.5 um/px") as raised:
+        level0_mpp({"openslide.objective-power": "20"}, DEMO_SLIDE, make_spec())
+    assert "'cmu_small_region.svs,0.5'" in str(raised.value)
+    with pytest.raises(TilingError, match=r"openslide.objective-power \(absent\)") as raised:
+        level0_mpp({}, DEMO_SLIDE, make_spec(mpp_from_objective=True))
+    assert "set mpp_from_objective" not in str(raised.value)
+
+
+@pytest.mark.parametrize("table, detail", [
+    (None, "does not exist"),
+    ("name,um\nno_mpp.tif,0.25\n", "needs columns 'slide' and 'mpp'"),
+    ("slide,mpp\nno_mpp.tif,quarter\n", "line 2: mpp 'quarter' is not a number"),
+])
+def test_an_unusable_override_table_is_a_typed_failure_naming_it(bad_dataset, tmp_path, table, detail):
+    spec, _, _, _ = bad_dataset
+    csv_path = tmp_path / "mpp overrides.csv"
+    if table is not None:
+        csv_path.write_text(table)
+    broken = make_spec(name="broken", inputs={name: spec.inputs[name] for name in ("good", "no_mpp")},
+                       mpp_overrides=str(csv_path))
+    tile_dataset(broken, tmp_path / "out")
+    status = pd.read_csv(tmp_path / "out" / "status.tsv", sep="\t").set_index("input_id")
+    for input_id in ("good", "no_mpp"):  # the table might have corrected the good slide too
+        row = status.loc[input_id]
+        assert (row.status, row.reason) == ("error", "bad_mpp_overrides"), row.message
+        assert f"the mpp_overrides table {csv_path}" in row.message and detail in row.message
+        assert spec.inputs[input_id] in row.message
 
 
 def test_objective_power_only_when_opted_in(tmp_path):

@@ -55,6 +55,20 @@ def test_patches_equal_direct_openslide_reads(tmp_path, target_mpp, threshold, r
         np.testing.assert_array_equal(patch, direct_read(meta["x"], meta["y"], read_size))
 
 
+def test_tiling_above_the_slides_resolution_needs_an_opt_in(tmp_path):
+    """0.499 um/px (20x) tiled at 0.25 um/px (40x) would be 2x interpolated: would_upsample."""
+    _, out, status = tile(tmp_path, target_mpp=0.25)
+    assert (status["status"], status["reason"]) == ("error", "would_upsample")
+    assert not list(out.glob("*.tar"))
+    for part in ("0.499 um/px", "0.25 um/px", "2x", "max_upsample = 1.5", "max_upsample: 2"):
+        assert part in status["message"], (part, status["message"])
+    source = open_slide_source(DEMO_SLIDE, make_spec(target_mpp=0.25, max_upsample=2.0))
+    try:
+        assert source.read_size == 128
+    finally:
+        source.close()
+
+
 def test_sample_metadata_keys_and_order(demo_20x):
     spec, out, status = demo_20x
     samples = read_shards(out)

@@ -268,7 +268,8 @@ def thumbnail_sheet(tiles_dir: str | Path, out: str | Path, dataset: str, cell: 
                 image.draft("RGB", (cell, cell))
                 picture = fit(image, cell)
         else:
-            picture = placeholder((cell, cell * 2 // 3), "no thumbnail: the input could not be read")
+            why = row.reason if row.status != "done" and isinstance(row.reason, str) else "none was written"
+            picture = placeholder((cell, cell * 2 // 3), f"no thumbnail: {why}")
         failed = row.status != "done"
         second = (f"FAILED: {row.reason}" if failed else
                   f"{int(row.patch_count)} patches kept")

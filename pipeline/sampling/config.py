@@ -129,6 +129,7 @@ class LargeImageSettings:
     decode_weights: str | None = None
     png_max_side: int = PNG_MAX_SIDE
     tiff: bool = True
+    jpeg_quality: int = 95  # of the pyramidal TIFFs' JPEG tiles (4:4:4, as the patches)
     device: str = "auto"
 
     def __post_init__(self) -> None:

@@ -123,7 +123,8 @@ def pixel_size_um(resolution: float, kind: str) -> float:
 
 
 def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarray, folder: Path,
-                    config: LargeImageConfig, pixel_um: float, png_max_side: int, tiff: bool) -> dict[str, Any]:
+                    config: LargeImageConfig, pixel_um: float, png_max_side: int, tiff: bool,
+                    jpeg_quality: int) -> dict[str, Any]:
     """Sample, decode (streamed into a disk memmap) and write one region's files into `folder`."""
     sampler = LargeImageSampler(model, grid, config)
     latent, stats = sampler.sample()
@@ -142,7 +143,8 @@ def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarr
         write_png(folder / "generated.png", image)
         files["generated_png"] = "generated.png"
     if tiff or "generated_png" not in files:
-        write_pyramid_tiff(folder / "generated.tif", image, pixel_um, description="rldiff generated image")
+        write_pyramid_tiff(folder / "generated.tif", image, pixel_um, jpeg_quality=jpeg_quality,
+                           description="rldiff generated image")
         files["generated_tif"] = "generated.tif"
     seam = large_image_seam_score(StreamedRows(image), tuple(latent.shape), config, factor)
     del image
@@ -151,7 +153,8 @@ def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarr
         write_png(folder / "reference.png", reference)
         files["reference_png"] = "reference.png"
     else:
-        write_pyramid_tiff(folder / "reference.tif", reference, pixel_um, description="rldiff reference region")
+        write_pyramid_tiff(folder / "reference.tif", reference, pixel_um, jpeg_quality=jpeg_quality,
+                           description="rldiff reference region")
         files["reference_tif"] = "reference.tif"
     np.save(folder / "embeddings.npy", grid)
     return {**files, "width": width, "height": height, "seam_score": seam, "windows": stats.windows,
@@ -177,7 +180,8 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
     for number, region in enumerate(regions):
         config = base.with_(seed=seed + number)
         identity = {"model": str(model_dir), "region": asdict(region), "config": asdict(config), "mpp": mpp,
-                    "png_max_side": png_max_side, "tiff": tiff, "embedding_key": key}
+                    "png_max_side": png_max_side, "tiff": tiff, "embedding_key": key,
+                    "jpeg_quality": settings.jpeg_quality}
         digest = _settings_digest(identity)
         folder = out_dir / f"region-{number:03d}"
         record_path = folder / "region.json"
@@ -188,7 +192,7 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
             grid, reference = region_grid(region, patches)
             with atomic_dir(folder) as temp:
                 files = generate_region(model, grid, reference, temp, config, pixel_size_um(mpp, kind),
-                                        png_max_side, tiff)
+                                        png_max_side, tiff, settings.jpeg_quality)
                 record = {"region": f"region-{number:03d}", "input_id": region.input_id, "col": region.col,
                           "row": region.row, "k": region.k, "held_out": region.held_out, "mpp": mpp,
                           "dataset": dataset, "mode": mode, "sampler": config.sampler, "steps": config.steps,

@@ -1,10 +1,19 @@
 """Aerial GeoTIFFs through rasterio: georeferencing checks, a ground-distance grid, strip reads.
 
 The grid is laid out in target pixels from the image's top-left corner: tile ``(col, row)``
-covers ``patch_size`` target pixels of ``target_mpp`` metres each, i.e. ``read_size`` source
-pixels per side (fractional in general). Tiles are resampled by GDAL while reading (average
-when shrinking, so overviews are used; bilinear when enlarging) and copied exactly when the
-source already has the target ground sample distance. Only whole tiles are cut.
+covers ``patch_size`` target pixels of ``target_mpp`` ground metres each, i.e. ``read_size``
+source pixels per side (fractional in general).
+
+Ground metres, not map units: a CRS unit is a ground metre (or foot) only where the projection's
+scale is close to 1. The scale is measured at the image's centre (two points 100 pixels apart,
+converted to Earth-centred XYZ on the WGS 84 ellipsoid). Within ``GROUND_UNIT_TOLERANCE`` of the
+declared unit (UTM, state planes: well under 1 % inside their zones) the declared unit is used;
+a Mercator-family CRS (EPSG:3857, 3395: about 1 / cos(latitude) map units per ground metre) is
+scaled by the measured factor; any other CRS that far from ground units is refused.
+
+Tiles are resampled by GDAL while reading (average when shrinking, so overviews are used;
+bilinear when enlarging) and copied exactly when the source already has the target ground
+sample distance. Only whole tiles are cut.
 
 Nodata, internal masks and alpha all reach us as GDAL band masks; a tile whose masked share
 exceeds ``max_nodata_fraction`` is dropped, and masked pixels of kept tiles are set to 0.
@@ -26,10 +35,11 @@ from rasterio._err import CPLE_BaseError  # GDAL errors rasterio does not always
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NodataShadowWarning, NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
+from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
 from pipeline.config import DatasetSpec
-from pipeline.tiling.failures import Reason, TilingError, check_readable_file
+from pipeline.tiling.failures import Reason, TilingError, check_readable_file, check_upsampling
 from pipeline.tiling.outputs import Patch
 
 QC_MAX_SIDE = 1024
@@ -37,6 +47,14 @@ QC_MAX_SIDE = 1024
 # the geotransform must not turn an exact copy into a resampling.
 SNAP_TOLERANCE = 1e-6
 GDAL_ERRORS = (RasterioError, CPLE_BaseError)
+# The tiler's scale promise: map units taken as ground units must be within 1 % of them.
+GROUND_UNIT_TOLERANCE = 0.01
+# PROJ projections corrected by the centre's factor: Mercator's scale (1 / cos(latitude), up to
+# the ellipsoid) depends on latitude alone, so it holds across an image spanning little latitude
+# (it drifts by tan(latitude) x the span in radians: 0.03 % over 2 km at 47 N, 1.7 % over 100 km).
+MERCATOR_PROJECTIONS = {"merc", "webmerc"}
+EARTH_CENTRED = "EPSG:4978"  # WGS 84 geocentric X, Y, Z in metres
+SCALE_BASELINE_PX = 100  # distance between the points whose ground distance gives the scale
 
 
 def gdal_message(exc: BaseException) -> str:
@@ -57,6 +75,48 @@ def open_dataset(path: Path) -> DatasetReader:
 def pixel_size(transform: Affine) -> tuple[float, float]:
     """Ground size of one source pixel along its columns and rows, in CRS units (rotation allowed)."""
     return math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
+
+
+def ground_metres_per_unit(dataset: DatasetReader, axis: tuple[float, float]) -> float | None:
+    """Ground metres per CRS unit at the image's centre along ``axis`` (a step in pixels), or
+    None when the CRS cannot be placed on the Earth (an engineering CRS, a point outside it).
+
+    The two points are converted to Earth-centred coordinates on the WGS 84 ellipsoid (height 0):
+    their straight-line distance is the ground distance (the chord is shorter than the arc by
+    ~1e-10 over 100 pixels). A datum shift moves both points alike.
+    """
+    source = tuple(float(v) for v in tuple(dataset.transform)[:6])
+    centre_col, centre_row = dataset.width / 2, dataset.height / 2
+    half = (axis[0] * SCALE_BASELINE_PX / 2, axis[1] * SCALE_BASELINE_PX / 2)
+    ends = [pixel_to_crs(source, centre_col - half[0], centre_row - half[1]),
+            pixel_to_crs(source, centre_col + half[0], centre_row + half[1])]
+    try:
+        xs, ys, zs = transform_points(dataset.crs, EARTH_CENTRED, [e[0] for e in ends], [e[1] for e in ends],
+                                      zs=[0.0, 0.0])
+    except GDAL_ERRORS:
+        return None
+    ground = math.dist((xs[0], ys[0], zs[0]), (xs[1], ys[1], zs[1]))
+    mapped = math.dist(ends[0], ends[1])
+    return ground / mapped if math.isfinite(ground) and ground > 0 else None
+
+
+def ground_scale(dataset: DatasetReader, path: Path, unit: float) -> tuple[float, float]:
+    """Ground metres per CRS unit along the pixel columns and rows (see the module docstring)."""
+    measured = (ground_metres_per_unit(dataset, (1.0, 0.0)), ground_metres_per_unit(dataset, (0.0, 1.0)))
+    crs = dataset.crs.to_string()
+    if dataset.crs.to_dict().get("proj") in MERCATOR_PROJECTIONS:
+        if None in measured:
+            raise TilingError(path, Reason.CRS_NOT_GROUND_METRES,
+                              f"{crs} is a Mercator projection, whose map units are not ground metres, and "
+                              "its scale at the image centre cannot be computed: reproject to a local CRS in metres")
+        return measured
+    if None in measured or all(abs(value / unit - 1) <= GROUND_UNIT_TOLERANCE for value in measured):
+        # None: an engineering (local) CRS has no ellipsoid to check against; its unit is all there is.
+        return unit, unit
+    raise TilingError(path, Reason.CRS_NOT_GROUND_METRES,
+                      f"in {crs}, one map unit ({unit:g} m) is {measured[0]:.4g} x {measured[1]:.4g} ground metres "
+                      f"at the image centre, more than {GROUND_UNIT_TOLERANCE:.0%} off, and no correction is known "
+                      "for its projection: reproject to a local projected CRS in metres (e.g. UTM)")
 
 
 def metres_per_crs_unit(dataset: DatasetReader, path: Path) -> float:
@@ -123,35 +183,45 @@ class AerialSource:
         self.path = path
         self.spec = spec
         self.dataset = open_dataset(path)
+        # Facts about the input, recorded in its status; filled as they are learnt, so that a
+        # failure records everything known when it happened.
+        self.info: dict[str, Any] = {}
         try:
             self._plan()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, TilingError):
+                exc.facts.update(self.info)
             self.dataset.close()
             raise
 
     def _plan(self) -> None:
         dataset, spec, path = self.dataset, self.spec, self.path
+        self.info.update({
+            "crs": (dataset.crs.to_string() or None) if dataset.crs else None,
+            "width": dataset.width, "height": dataset.height, "band_count": dataset.count,
+            "dtype": ",".join(sorted(set(dataset.dtypes))), "bands": list(spec.bands), "gsd": spec.target_mpp,
+        })
         unit = metres_per_crs_unit(dataset, path)
         check_bands(dataset, path, spec.bands)
         self.bands = tuple(spec.bands)
         size_x, size_y = pixel_size(dataset.transform)
-        self.source_gsd = size_x * unit
-        # Source pixels per tile side; x and y differ only for non-square source pixels.
-        self.read_w = snap(spec.patch_size * spec.target_mpp / (size_x * unit))
-        self.read_h = snap(spec.patch_size * spec.target_mpp / (size_y * unit))
+        self.info["map_units_per_px"] = size_x
+        scale_x, scale_y = ground_scale(dataset, path, unit)
+        self.source_gsd = size_x * scale_x
+        self.info.update(source_gsd=self.source_gsd, ground_scale=scale_x)
+        check_upsampling(path, max(self.source_gsd, size_y * scale_y), spec.target_mpp, spec.max_upsample, "m")
+        # Source pixels per tile side; x and y differ for non-square source pixels (and, by a few
+        # tenths of a percent, for Web Mercator, which is not conformal on the ellipsoid).
+        self.read_w = snap(spec.patch_size * spec.target_mpp / (size_x * scale_x))
+        self.read_h = snap(spec.patch_size * spec.target_mpp / (size_y * scale_y))
         self.exact_copy = self.read_w == self.read_h == spec.patch_size
         self.resampling = resampling_for(max(self.read_w, self.read_h), spec.patch_size)
         self.masked = has_mask(dataset, self.bands)
         # Whole tiles only: a partial edge tile is dropped, never stretched.
         self.cols = math.floor(dataset.width / self.read_w + SNAP_TOLERANCE)
         self.rows = math.floor(dataset.height / self.read_h + SNAP_TOLERANCE)
-        self.crs = dataset.crs.to_string()
-        self.info: dict[str, Any] = {
-            "source_gsd": self.source_gsd, "gsd": spec.target_mpp, "crs": self.crs,
-            "width": dataset.width, "height": dataset.height, "band_count": dataset.count,
-            "dtype": ",".join(sorted(set(dataset.dtypes))), "bands": list(self.bands),
-            "read_size": self.read_w, "grid_cols": self.cols, "grid_rows": self.rows,
-        }
+        self.crs = self.info["crs"]
+        self.info.update(read_size=self.read_w, grid_cols=self.cols, grid_rows=self.rows)
         if self.cols == 0 or self.rows == 0:
             raise TilingError(path, Reason.TOO_SMALL,
                               f"{dataset.width}x{dataset.height} px at {self.source_gsd:.4g} m/px is smaller than "
@@ -216,7 +286,9 @@ class AerialSource:
         xs, ys = [corner[0] for corner in corners], [corner[1] for corner in corners]
         return {
             "x": float(x), "y": float(y), "read_size": float(self.read_w),
-            "gsd": self.spec.target_mpp, "source_gsd": self.source_gsd, "crs": self.crs,
+            "gsd": self.spec.target_mpp, "source_gsd": self.source_gsd,
+            "map_units_per_px": self.info["map_units_per_px"], "ground_scale": self.info["ground_scale"],
+            "crs": self.crs,
             "transform": list(affine),
             "bounds": [min(xs), min(ys), max(xs), max(ys)], "bands": list(self.bands),
             "nodata_fraction": round(nodata_fraction, 6),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import math
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import PipelineError
 
@@ -14,13 +16,16 @@ class Reason(str, enum.Enum):
     OPEN_FAILED = "open_failed"  # the reader does not recognise or cannot parse the file
     READ_FAILED = "read_failed"  # opened, but pixel data is missing or corrupt (truncated file)
     NO_MPP = "no_mpp"  # no level-0 resolution in metadata, tags or override table
+    BAD_MPP_OVERRIDES = "bad_mpp_overrides"  # the configured mpp_overrides table is missing or malformed
     ABSURD_MPP = "absurd_mpp"  # a resolution is present but physically implausible
     TOO_SMALL = "too_small"  # the image is smaller than one patch at the target resolution
+    WOULD_UPSAMPLE = "would_upsample"  # the target is finer than the source by more than max_upsample
     NO_TISSUE = "no_tissue"  # tiling kept no patch (all background, or all nodata)
     UNSUPPORTED_BANDS = "unsupported_bands"  # configured bands missing from an aerial image
     UNSUPPORTED_DTYPE = "unsupported_dtype"  # aerial pixels that are not 8-bit
     NO_CRS = "no_crs"  # an aerial image without a coordinate reference system
     CRS_IN_DEGREES = "crs_in_degrees"  # geographic CRS: the ground sample distance is not in metres
+    CRS_NOT_GROUND_METRES = "crs_not_ground_metres"  # projected, but map units far from ground metres, no known fix
     UNEXPECTED_ERROR = "unexpected_error"  # a reader raised something unforeseen: a bug to report
 
 
@@ -31,6 +36,7 @@ class TilingError(PipelineError):
         self.path = str(path)
         self.reason = Reason(reason)
         self.detail = detail
+        self.facts: dict[str, Any] = {}  # what the reader had learnt about the input (status fields)
         super().__init__(f"{self.path}: {self.reason.value}: {detail}")
 
 
@@ -42,3 +48,15 @@ def check_readable_file(path: str | Path) -> Path:
     if path.is_file() and path.stat().st_size == 0:
         raise TilingError(path, Reason.EMPTY_FILE, "the file is empty (0 bytes)")
     return path
+
+
+def check_upsampling(path: str | Path, source_size: float, target: float, max_upsample: float, unit: str) -> None:
+    """Refuse a target pixel size that would only interpolate the source's pixels (sizes in ``unit``/px)."""
+    factor = source_size / target
+    if factor > max_upsample * (1 + 1e-9):
+        raise TilingError(path, Reason.WOULD_UPSAMPLE,
+                          f"the source has {source_size:.4g} {unit}/px; tiling it at {target:g} {unit}/px would "
+                          f"upsample it {factor:.3g}x, more than max_upsample = {max_upsample:g}: choose a "
+                          f"resolution of at least {source_size / max_upsample:.4g} {unit}/px, or set "
+                          f"max_upsample: {math.ceil(factor * 100) / 100:g} for the dataset to accept "
+                          "interpolated patches")

@@ -3,7 +3,7 @@
 Each input gets one folder, written as a whole (temporary folder, then rename):
 ``patches-NNNNNN.tar`` shards, ``manifest.parquet``, ``thumbnail.jpg`` and ``status.json``.
 An input that fails still gets a folder with an empty manifest and a status naming the
-reason, so one bad slide never stops the dataset.
+reason, so one bad slide never stops the dataset; a ``no_tissue`` input keeps its thumbnail.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 INTEGER_STATUS_COLUMNS = {"patch_count", "width", "height", "grid_cols", "grid_rows", "read_level", "band_count"}
+# Integer for slides, fractional for most resampled aerial grids: integer when every value is whole.
+WHOLE_WHEN_WHOLE_COLUMNS = {"read_size"}
 MANIFEST_FILE = "manifest.parquet"
 THUMBNAIL_FILE = "thumbnail.jpg"
 
@@ -100,9 +102,10 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
                                   "json": encode_json(meta)}
                         shard = shards.write(key, fields)
                         rows.append({"key": key, **meta, "shard": shard})
+                # Written for no_tissue too: the mask (or nodata) it shows is why nothing was kept.
+                source.qc_thumbnail().save(temp / THUMBNAIL_FILE, quality=90)
                 if not rows:
                     raise TilingError(path, Reason.NO_TISSUE, "no patch passed the tissue / nodata filters")
-                source.qc_thumbnail().save(temp / THUMBNAIL_FILE, quality=90)
             finally:
                 source.close()
             status.update(status="done", reason=None, message=None, patch_count=len(rows))
@@ -111,9 +114,12 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
                 path, Reason.UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
             if not isinstance(exc, TilingError):
                 log.exception("unexpected error while tiling %s", path)
+            keep = {THUMBNAIL_FILE} if failure.reason is Reason.NO_TISSUE else set()
             for leftover in temp.iterdir():  # drop shards of a half-read input
-                leftover.unlink()
+                if leftover.name not in keep:
+                    leftover.unlink()
             rows = []
+            status.update(failure.facts)
             status.update(status="error", reason=failure.reason.value, message=str(failure), patch_count=0)
             log.warning("%s", failure)
         _manifest_frame(rows).to_parquet(temp / MANIFEST_FILE, index=False)
@@ -139,6 +145,10 @@ def summarize_dataset(input_dirs: list[str | Path], status_out: str | Path,
     # Failed inputs lack some facts; keep counts integer (nullable) instead of 4.0-style floats.
     for column in INTEGER_STATUS_COLUMNS & set(table.columns):
         table[column] = table[column].astype("Int64")
+    for column in WHOLE_WHEN_WHOLE_COLUMNS & set(table.columns):
+        values = pd.to_numeric(table[column]).dropna()
+        if (values == values.round()).all():
+            table[column] = pd.to_numeric(table[column]).astype("Int64")
     with atomic_file(status_out) as temp:
         table.to_csv(temp, sep="\t", index=False)
     index = pd.concat(manifests, ignore_index=True) if manifests else _manifest_frame([])
@@ -151,5 +161,6 @@ def describe_summary(table: pd.DataFrame) -> str:
     failed = table[table.status != "done"]
     lines = [f"{len(done)} of {len(table)} inputs tiled, {int(done.patch_count.sum())} patches"]
     for row in failed.itertuples():
-        lines.append(f"  FAILED {row.source}: {row.reason} ({row.message})")
+        # The message is "<path>: <reason>: <detail>": shown once, after the file name.
+        lines.append(f"  FAILED {row.source}: {str(row.message).removeprefix(f'{row.path}: ')}")
     return "\n".join(lines)

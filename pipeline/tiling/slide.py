@@ -19,7 +19,7 @@ import openslide
 from PIL import Image, ImageDraw
 
 from pipeline.config import DatasetSpec
-from pipeline.tiling.failures import Reason, TilingError, check_readable_file
+from pipeline.tiling.failures import Reason, TilingError, check_readable_file, check_upsampling
 from pipeline.tiling.outputs import Patch
 from pipeline.tiling.tiff_tiles import TiffLevelReader, TileDecodeError
 from pipeline.tiling.tissue import box_fractions, is_background_patch, tissue_mask
@@ -39,13 +39,25 @@ def _read_overrides(csv_path: str) -> dict[str, float]:
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"slide", "mpp"} <= set(reader.fieldnames):
-            raise ValueError(f"{csv_path}: the mpp override table needs columns 'slide' and 'mpp'")
+            raise ValueError("it needs columns 'slide' and 'mpp'")
         for line_no, row in enumerate(reader, start=2):
             try:
                 table[row["slide"]] = float(row["mpp"])
-            except ValueError as exc:
-                raise ValueError(f"{csv_path}:{line_no}: mpp {row['mpp']!r} is not a number") from exc
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"line {line_no}: mpp {row['mpp']!r} is not a number") from exc
     return table
+
+
+def override_mpp(path: Path, csv_path: str) -> float | None:
+    """The override table's um/px for this slide (None: no row); a table that cannot be used
+    fails the slide by name, since it might have corrected the slide's own metadata."""
+    try:
+        return _read_overrides(csv_path).get(path.name)
+    except FileNotFoundError as exc:
+        raise TilingError(path, Reason.BAD_MPP_OVERRIDES, f"the mpp_overrides table {csv_path} does not exist") from exc
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
+        raise TilingError(path, Reason.BAD_MPP_OVERRIDES,
+                          f"the mpp_overrides table {csv_path} cannot be used: {exc}") from exc
 
 
 def level0_mpp(properties: dict[str, str], path: Path, spec: DatasetSpec) -> tuple[float, str]:
@@ -57,13 +69,13 @@ def level0_mpp(properties: dict[str, str], path: Path, spec: DatasetSpec) -> tup
     """
     candidates: list[tuple[str, float | None]] = []
     if spec.mpp_overrides:
-        candidates.append(("override_table", _read_overrides(spec.mpp_overrides).get(path.name)))
+        candidates.append(("override_table", override_mpp(path, spec.mpp_overrides)))
     candidates.append(("openslide_mpp", _as_float(properties.get(openslide.PROPERTY_NAME_MPP_X))))
     unit = TIFF_UNIT_MICRONS.get(properties.get("tiff.ResolutionUnit", ""))
     x_res = _as_float(properties.get("tiff.XResolution"))
     candidates.append(("tiff_resolution", unit / x_res if unit and x_res else None))
+    power = _as_float(properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
     if spec.mpp_from_objective:
-        power = _as_float(properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
         candidates.append(("objective_power", 10.0 / power if power else None))
     for source, value in candidates:
         if value is None:
@@ -72,9 +84,28 @@ def level0_mpp(properties: dict[str, str], path: Path, spec: DatasetSpec) -> tup
             raise TilingError(path, Reason.ABSURD_MPP,
                               f"level-0 resolution {value!r} um/px from {source} is outside {MPP_RANGE}")
         return value, source
-    raise TilingError(path, Reason.NO_MPP, "no um/px in the slide properties, TIFF resolution tags"
-                      + (", override table" if spec.mpp_overrides else "")
-                      + ("" if spec.mpp_from_objective else "; set mpp_from_objective to use the objective power"))
+    raise TilingError(path, Reason.NO_MPP, no_mpp_advice(properties, path, spec, power))
+
+
+def no_mpp_advice(properties: dict[str, str], path: Path, spec: DatasetSpec, power: float | None) -> str:
+    """What was looked at, and the fix that works for this slide."""
+    looked_at = [openslide.PROPERTY_NAME_MPP_X, "tiff.XResolution/tiff.ResolutionUnit"]
+    if "tiff.XResolution" in properties:  # present, but not a length: say what was found
+        looked_at[-1] += (f" (found {properties['tiff.XResolution']} per "
+                          f"{properties.get('tiff.ResolutionUnit', 'no unit')})")
+    if spec.mpp_from_objective:
+        looked_at.append(f"{openslide.PROPERTY_NAME_OBJECTIVE_POWER} (absent)")
+    if spec.mpp_overrides:
+        looked_at.append(f"the mpp_overrides table {spec.mpp_overrides} (no row for {path.name!r})")
+    example = 10.0 / power if power else 0.25
+    row = f"'{path.name},{example:g}' (this file's name and its level-0 um/px)"
+    fix = (f"add a row {row} to {spec.mpp_overrides}" if spec.mpp_overrides else
+           f"set the dataset's mpp_overrides to a CSV with the header 'slide,mpp' and a row {row}")
+    advice = f"no level-0 um/px in {', '.join(looked_at)}. Fix: {fix}"
+    if power and not spec.mpp_from_objective:
+        advice += (f"; or set mpp_from_objective: true to take 10 / its objective power {power:g}x = {example:g} um/px "
+                   "(scanners differ: check it)")
+    return advice
 
 
 def _as_float(text: str | None) -> float | None:
@@ -151,10 +182,15 @@ class SlideSource:
             raise TilingError(path, Reason.OPEN_FAILED, f"OpenSlide cannot open it: {exc}") from exc
         self.tiles: TiffLevelReader | None = None
         self.level_image: np.ndarray | None = None
+        # Facts about the slide, recorded in its status; filled as they are learnt, so that a
+        # failure records everything known when it happened.
+        self.info: dict[str, Any] = {}
         try:
             self.tiles = TiffLevelReader.open(path, self.slide)
             self._plan()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, TilingError):
+                exc.facts.update(self.info)
             self.close()
             raise
 
@@ -180,17 +216,17 @@ class SlideSource:
 
     def _plan(self) -> None:
         slide, spec, path = self.slide, self.spec, self.path
+        width, height = slide.dimensions
+        self.info.update(width=width, height=height, vendor=slide.properties.get(openslide.PROPERTY_NAME_VENDOR),
+                         target_mpp=spec.target_mpp)
         self.mpp, mpp_source = level0_mpp(dict(slide.properties), path, spec)
+        self.info.update(level0_mpp=self.mpp, mpp_source=mpp_source)
+        check_upsampling(path, self.mpp, spec.target_mpp, spec.max_upsample, "um")
         self.read_size = round(spec.patch_size * spec.target_mpp / self.mpp)
         self.level = best_level(slide.level_downsamples, self.read_size / spec.patch_size)
-        width, height = slide.dimensions
         # Whole patches only: edge tiles are dropped, never stretched.
         self.cols, self.rows = width // self.read_size, height // self.read_size
-        self.info: dict[str, Any] = {
-            "level0_mpp": self.mpp, "mpp_source": mpp_source, "target_mpp": spec.target_mpp,
-            "read_size": self.read_size, "read_level": self.level, "width": width, "height": height,
-            "grid_cols": self.cols, "grid_rows": self.rows, "vendor": slide.properties.get("openslide.vendor"),
-        }
+        self.info.update(read_size=self.read_size, read_level=self.level, grid_cols=self.cols, grid_rows=self.rows)
         if self.cols == 0 or self.rows == 0:
             raise TilingError(path, Reason.TOO_SMALL,
                               f"{width}x{height} px is smaller than one {self.read_size}px patch")
