@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from pipeline.config import DatasetSpec, load_config, schema_default, settings_from_table
@@ -84,19 +85,30 @@ def training_config(table: dict, embedding_key: str, holdout_fraction: float = 0
 def _train(args: argparse.Namespace) -> int:
     import json
 
+    import pandas as pd
+
+    from pipeline.embedding.extract import recorded_encoder
     from pipeline.io.atomic import write_text_atomic
     from pipeline.training.run import last_checkpoint, train
 
+    from pipeline.training.run import ProgressLines
+
     config = training_config(_table(args.settings), args.embedding_key, args.holdout_fraction, args.seed)
-    train(config, [Path(p).parent for p in args.latents], args.run)
+    every = args.progress_every or max(1, config.max_steps // 20)
+    train(config, [Path(p).parent for p in args.latents], args.run,
+          callbacks=[ProgressLines(Path(args.run).name, config.max_steps, every)])
     checkpoint = last_checkpoint(args.run)
-    if args.done:
-        write_text_atomic(args.done, json.dumps({"checkpoint": str(checkpoint), "max_steps": config.max_steps}))
+    if args.done:  # what export-model records about the model's conditions
+        encoder = recorded_encoder(pd.concat([pd.read_parquet(p) for p in args.latents]), config.embedding_key)
+        write_text_atomic(args.done, json.dumps({"checkpoint": str(checkpoint), "max_steps": config.max_steps,
+                                                 "encoder": encoder}))
     print(f"{args.run}: trained to step {config.max_steps}; {checkpoint}")
     return 0
 
 
 def _export_model(args: argparse.Namespace) -> int:
+    import json
+
     from pipeline.models.autoencoder import AutoencoderSettings
     from pipeline.training.export import export_checkpoint
     from pipeline.training.run import last_checkpoint
@@ -105,7 +117,9 @@ def _export_model(args: argparse.Namespace) -> int:
     if checkpoint is None:
         raise PipelineError(f"{args.run}: no checkpoint to export")
     autoencoder = settings_from_table(AutoencoderSettings, _table(args.autoencoder), "latents.autoencoder")
-    export_checkpoint(checkpoint, args.out, autoencoder.load(), use_ema=not args.no_ema)
+    done = Path(args.run) / "done.json"
+    encoder = json.loads(done.read_text()).get("encoder") if done.is_file() else None
+    export_checkpoint(checkpoint, args.out, autoencoder.load(), use_ema=not args.no_ema, encoder=encoder)
     print(f"{args.out}: exported {checkpoint}")
     return 0
 
@@ -258,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=schema_default("seed"), help="the config's top-level seed")
     p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="training"))
     p.add_argument("--done", help="file written when training reached max_steps")
+    p.add_argument("--progress-every", type=int, help="steps between progress lines on stdout (default: 1/20 of the run)")
     p.add_argument("latents", nargs="+", help="per-input latent manifest.parquet files")
     p.set_defaults(func=_train)
 
@@ -311,8 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line (Python's default format repeats the source line that raised it)."""
+    return f"{category.__name__}: {message} ({filename}:{lineno})\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -10,11 +10,14 @@ import sys
 
 import openslide
 import pandas as pd
+import pytest
 import yaml
 
 from helpers import DEMO_SLIDE, REPO, pipeline_env, read_shards
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+
+pytestmark = pytest.mark.workflow
 
 
 def run_snakemake(*args, cwd=REPO):
@@ -26,12 +29,14 @@ def test_lint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dry_run_lists_the_stages():
-    result = run_snakemake("-n", "--cores", "1")
+def test_dry_run_lists_the_stages(tmp_path):
+    result = run_snakemake("-n", "--cores", "1", "--directory", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    for rule in ("tile_input", "tile_dataset", "embed_input", "embed_dataset", "latents_input",
-                 "train_dataset", "export_model", "sample_dataset", "large_image_dataset", "evaluate_dataset",
-                 "report_tiling", "report_dataset", "all"):
+    # embed_input and latents_input jobs exist only for inputs that kept patches: they are planned
+    # once the tile_dataset checkpoint has run.
+    assert "DAG of jobs will be updated after completion" in result.stdout
+    for rule in ("tile_input", "tile_dataset", "embed_dataset", "train_dataset", "export_model", "sample_dataset",
+                 "large_image_dataset", "evaluate_dataset", "report_tiling", "report_dataset", "all"):
         assert rule in result.stdout
     targeted = run_snakemake("-n", "--cores", "1", "tile")
     assert targeted.returncode == 0 and "tile_dataset" in targeted.stdout
@@ -187,3 +192,25 @@ def check_plain_diffusers_load(export, tmp_path):
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-4:] == ["RLDiffPipeline", "1x256x256x3", "uint8", "1"]
+
+
+def test_a_config_of_ones_own_replaces_the_demo(tmp_path):
+    """No demo dataset, no random weights, no demo settings: only what the user's config says (and
+    the schema's defaults). Targets go before --configfile, which takes several files."""
+    from test_config import user_config
+
+    config, run = user_config(tmp_path), tmp_path / "run"
+    tiled = run_snakemake("tile", "--cores", "2", "--configfile", str(config), "--directory", str(run))
+    assert tiled.returncode == 0, tiled.stderr[-3000:]
+    assert sorted(p.name for p in (run / "results" / "tiles").iterdir()) == ["mine"]
+    plan = run_snakemake("-n", "-p", "--cores", "2", "--configfile", str(config), "--directory", str(run))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    text = plan.stdout + plan.stderr
+    assert "embed_input" in text and "latents_input" in text and "train_dataset" in text
+    assert "demo_he_20x" not in text and "cmu_small_region" in text
+    for demo_only in ('"allow_random_weights": true', '"kind": "random"', "RANDOM", '"max_steps": 300'):
+        assert demo_only not in text, demo_only
+    assert '"max_steps": 100000' in text  # the schema's default, not the demo's 300
+
+    demo = run_snakemake("-n", "--cores", "1", "--directory", str(tmp_path / "demo"))
+    assert (demo.stdout + demo.stderr).count("RANDOM weights") == 1

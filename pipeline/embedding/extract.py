@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_file
 from pipeline.io.shard_stage import PatchImages, process_shards, resolve_device
 from pipeline.io.shards import encode_json, encode_npy, image_field, read_shard, write_shard
@@ -101,6 +102,17 @@ def embed_input(tile_dir: str | Path, out_dir: str | Path, encoders: Sequence[An
         return manifest
 
     return process_shards(tile_dir, out_dir, embed, add_hashes)
+
+
+def recorded_encoder(manifest: pd.DataFrame, name: str) -> dict[str, Any]:
+    """Which weights made the `name` embeddings of a manifest this stage wrote (or a later stage
+    copied): its name, weights hash (``"random"`` for random weights) and whether they are random."""
+    column = f"{name}_weights_sha256"
+    hashes = sorted(set(manifest[column].astype(str))) if column in manifest else []
+    if len(hashes) > 1:
+        raise PipelineError(f"the {name} embeddings were made with {len(hashes)} different weights: {hashes}")
+    weights = hashes[0] if hashes else None
+    return {"name": name, "weights_sha256": weights, "random_weights": weights == "random"}
 
 
 def write_dataset_index(input_dirs: Sequence[str | Path], final: str | Path) -> pd.DataFrame:

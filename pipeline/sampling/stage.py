@@ -104,7 +104,7 @@ def sample_patches(model_dir: str | Path, embeddings_dir: str | Path, out_dir: s
         Image.fromarray(pair_grid(grid_real, grid_fake)).save(temp / "grid.jpg", quality=92)
         summary = {
             "dataset": dataset, "mpp": mpp, "model": str(model_dir), "embedding_key": key,
-            "random_weights": model.random_weights, "samples": len(manifest),
+            "random_weights": model.random_weights, "random_parts": model.random_parts, "samples": len(manifest),
             "held_out": {"inputs": list(holdout_inputs), "fraction": holdout_fraction},
             "sampler": asdict(config), "unet_evaluations": evaluations,
             "seconds": round(time.perf_counter() - started, 3), "device": str(device),
@@ -197,7 +197,8 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
                           "row": region.row, "k": region.k, "held_out": region.held_out, "mpp": mpp,
                           "dataset": dataset, "mode": mode, "sampler": config.sampler, "steps": config.steps,
                           "stride": config.stride, "guidance_scale": config.guidance_scale, "seed": config.seed,
-                          "random_weights": model.random_weights, "settings_sha": digest, "embedding_key": key,
+                          "random_weights": model.random_weights, "random_parts": model.random_parts,
+                          "settings_sha": digest, "embedding_key": key,
                           "keys": [list(row) for row in region.keys], "config": asdict(config), **files}
                 (temp / "region.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         records.append(record)

@@ -164,3 +164,10 @@ def describe_summary(table: pd.DataFrame) -> str:
         # The message is "<path>: <reason>: <detail>": shown once, after the file name.
         lines.append(f"  FAILED {row.source}: {str(row.message).removeprefix(f'{row.path}: ')}")
     return "\n".join(lines)
+
+
+def inputs_with_patches(status_tsv: str | Path) -> list[str]:
+    """Input ids of a dataset's status table whose tiling kept at least one patch."""
+    table = pd.read_csv(status_tsv, sep="\t", dtype={"input_id": str})
+    return [ident for ident, status, count in zip(table.input_id, table.status, table.patch_count)
+            if status == "done" and count > 0]
