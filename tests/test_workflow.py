@@ -118,6 +118,17 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     record = json.loads((tmp_path / "out/models/demo_he_20x/model_index.json").read_text())
     assert record["provenance"]["training"]["global_step"] == 12 and record["embedding_key"] == "hipt_vit_s16"
     assert record["provenance"]["autoencoder"]["random_weights"] is True
+    assert record["provenance"]["encoder"] == {"name": "hipt_vit_s16", "weights_sha256": "random",
+                                               "random_weights": True}
+    assert record["provenance"]["random_weights"] == ["autoencoder", "conditioning encoder hipt_vit_s16"]
+    sample_record = json.loads((tmp_path / "out/samples/demo_he_20x/sample.json").read_text())
+    assert sample_record["random_parts"] == ["autoencoder", "conditioning encoder hipt_vit_s16"]
+    # the training log: progress lines, each Lightning line once, no advertisement
+    training_log = (tmp_path / "out/logs/train/demo_he_20x.log").read_text()
+    assert "demo_he_20x: step 12/12 (100 %)" in training_log
+    assert training_log.count("GPU available") == 1
+    for noise in ("Tip:", "weights_only", "LeafSpec", "\r"):
+        assert noise not in training_log, noise
     assert model.unet.config.sample_size == 16
     check_plain_diffusers_load(tmp_path / "out/models/demo_he_20x", tmp_path)
 
@@ -214,3 +225,15 @@ def test_a_config_of_ones_own_replaces_the_demo(tmp_path):
 
     demo = run_snakemake("-n", "--cores", "1", "--directory", str(tmp_path / "demo"))
     assert (demo.stdout + demo.stderr).count("RANDOM weights") == 1
+
+
+def test_an_input_without_patches_gets_no_embedding_job(tmp_path):
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    config["datasets"]["demo_he_20x"]["inputs"] = [str(DEMO_SLIDE), str(tmp_path / "gone.svs")]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    args = ("--cores", "2", "--configfile", str(tmp_path / "config.yaml"), "--directory", str(tmp_path))
+    assert run_snakemake("tile", *args).returncode == 0
+    plan = run_snakemake("embed", "-n", "-p", *args)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    jobs = re.findall(r"embed-input --tiles \S*?/inputs/([\w-]+)", plan.stdout)
+    assert jobs == ["cmu_small_region"]  # not `gone`, which tiling recorded as not_found

@@ -61,8 +61,11 @@ class _DropAdvertisements(logging.Filter):
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
-# Lightning prints through its own handler; propagating too would print every line twice.
-logging.getLogger("lightning.pytorch").propagate = False
+# Lightning adds a handler of its own and propagates too, so every line came twice: one handler.
+if logging.getLogger().handlers:
+    logging.getLogger("lightning").handlers.clear()
+# We choose the launch environment ourselves (pipeline.training.environment; logged above each run).
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 CHECKPOINT_DIR = "checkpoints"
 # Settings that may differ when a run is continued; any other change needs a new run folder.
