@@ -144,6 +144,7 @@ def _large_image(args: argparse.Namespace) -> int:
 
     spec = DatasetSpec.from_json(args.spec)
     settings = settings_from_table(LargeImageSettings, _table(args.settings), "large_image")
+    _join_process_group()
     manifest = generate_large_images(args.model, args.embeddings, args.out, dataset=spec.name, kind=spec.kind,
                                      mpp=spec.target_mpp, holdout_inputs=spec.holdout_inputs, settings=settings,
                                      seed=args.seed)
@@ -151,6 +152,18 @@ def _large_image(args: argparse.Namespace) -> int:
         print(f"{args.out}/{row.region}: {row.width}x{row.height} px from {row.input_id} at col {row.col}, "
               f"row {row.row}; {row.unet_evaluations} UNet evaluations, seam score {row.seam_score:.3f}")
     return 0
+
+
+def _join_process_group() -> None:
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU of the node, in one process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -29,10 +29,17 @@ if _random:
 # With --use-conda each rule's env provides python; otherwise use the interpreter running
 # Snakemake, which has the package installed (a bare `python` may be another one).
 _python = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
-PIPELINE = (
-    f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} "
-    f"{shlex.quote(_python)} -m pipeline"
-)
+_PYTHONPATH = f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}}"
+PIPELINE = f"{_PYTHONPATH} {shlex.quote(_python)} -m pipeline"
+
+
+def pipeline_on_gpus(devices):
+    """The pipeline command for a stage that splits its work over `devices` GPUs of one node
+    (torchrun: one process each, in one process group)."""
+    if devices == 1:
+        return PIPELINE
+    return (f"{_PYTHONPATH} {shlex.quote(_python)} -m torch.distributed.run --standalone "
+            f"--nproc-per-node {devices} -m pipeline")
 
 
 def existing(path):

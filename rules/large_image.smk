@@ -10,7 +10,7 @@ rule large_image_dataset:
     output:
         f"{OUT}/large_images/{{dataset}}/manifest.parquet",
     params:
-        pipeline=PIPELINE,
+        pipeline=pipeline_on_gpus(config["large_image"]["devices"]),
         embeddings=lambda w, input: str(Path(input.index).parent),
         out_dir=lambda w, output: str(Path(output[0]).parent),
         spec=lambda w: DATASETS[w.dataset].to_json(),
@@ -24,7 +24,7 @@ rule large_image_dataset:
     resources:
         mem_mb=32000,
         runtime=720,
-        gpu=1,
+        gpu=config["large_image"]["devices"],
     shell:
         "OMP_NUM_THREADS={threads} {params.pipeline} large-image --model {input.model:q} "
         "--embeddings {params.embeddings:q} --spec {params.spec:q} --settings {params.settings:q} "

@@ -278,3 +278,26 @@ def test_cli_reports_a_missing_model_without_a_traceback(tmp_path, capsys):
     assert code == 2
     assert "models/nothing: model folder not found" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_large_image_stage_under_torchrun_matches_one_process(stage_inputs, tmp_path):
+    """Two gloo processes (as torchrun starts one per GPU) share every step's windows; rank 0 writes
+    the same image a single process writes."""
+    from helpers import make_spec, pipeline_env, run_pipeline
+
+    root, _, _ = stage_inputs
+    settings = json.dumps({"k": 3, "regions": 1, "mode": "fast", "steps": 2, "window_batch": 4, "device": "cpu"})
+    args = ["large-image", "--model", str(root / "model"), "--embeddings", str(root / "embeddings"),
+            "--spec", make_spec(name="test").to_json(), "--settings", settings, "--seed", "3"]
+    run_pipeline([*args, "--out", str(tmp_path / "one")])
+    import subprocess
+    import sys
+
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "pipeline", *args, "--out", str(tmp_path / "two")], env=pipeline_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, both = (pd.read_parquet(tmp_path / name / "manifest.parquet").iloc[0] for name in ("one", "two"))
+    assert both.unet_evaluations == one.unet_evaluations == 25 * 2 * 2
+    images = [np.array(Image.open(tmp_path / name / one.generated_png), dtype=np.int16) for name in ("one", "two")]
+    assert np.abs(images[0] - images[1]).mean() < 0.05  # float32 sums in another order: a grey level, rarely

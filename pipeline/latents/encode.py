@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline.io.precision import autocast
 from pipeline.io.shard_stage import PatchImages, process_shards, resolve_device
 from pipeline.io.shards import encode_json, encode_npy, read_shard, write_shard
 from pipeline.models.autoencoder import Autoencoder, AutoencoderSettings
@@ -60,6 +61,7 @@ class EncodeSettings:
     batch_size: int = 32
     num_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # bfloat16 autocast on CUDA, float32 on a CPU
     flips: str = "all"  # all | none
 
     def __post_init__(self) -> None:
@@ -87,7 +89,8 @@ def encode_images(autoencoder: Autoencoder, images: Dataset, settings: EncodeSet
     for batch in loader:
         batch = to_model_range(batch.to(device, non_blocking=True))
         for flip in flips:
-            latents = autoencoder.encode(apply_flip(batch, flip))
+            with autocast(settings.precision, device):
+                latents = autoencoder.encode(apply_flip(batch, flip))
             if not torch.isfinite(latents).all():
                 raise FloatingPointError("the autoencoder produced non-finite latents")
             parts[flip].append(latents.cpu().numpy().astype(np.float16))

@@ -31,6 +31,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 
+from pipeline.io.precision import autocast
 from pipeline.models import first_stage
 from pipeline.models.condition import PatchEmbeddingCondition
 from pipeline.models.guidance import guided_epsilon, needs_unconditional
@@ -126,13 +127,14 @@ class RLDiffPipeline(DiffusionPipeline):
     def __call__(self, embeddings: torch.Tensor | np.ndarray, num_inference_steps: int = 50,
                  guidance_scale: float = 2.0, sampler: str = "plms", eta: float = 0.0,
                  generator: torch.Generator | list[torch.Generator] | None = None,
-                 timestep_spacing: str = "leading", steps_offset: int = 1, output_type: str = "np",
-                 return_dict: bool = True) -> PatchOutput | tuple:
+                 timestep_spacing: str = "leading", steps_offset: int = 1, precision: str = "float32",
+                 output_type: str = "np", return_dict: bool = True) -> PatchOutput | tuple:
         """One patch per (D,) embedding. The defaults are LID's patch sampling: PLMS, 50 steps,
         classifier-free guidance s = 2, CompVis timesteps 1, 21, ..., 981.
 
         generator: one CPU generator per patch (or one for all): a patch's noise comes from its
         own generator only, so it does not depend on the batch it is sampled in.
+        precision: "float32", "bfloat16" (autocast) or "auto" (bfloat16 on CUDA).
         output_type: "np" (uint8 arrays), "pil", or "latent" (no decoding; images is None).
         """
         if sampler not in PATCH_SAMPLERS:
@@ -170,14 +172,19 @@ class RLDiffPipeline(DiffusionPipeline):
             if guided:
                 model_input = torch.cat([model_input, model_input])
             timesteps = torch.full((len(model_input),), int(t), device=device)
-            epsilon = self.unet(model_input, timesteps, encoder_hidden_states=context).sample
+            with autocast(precision, device):
+                epsilon = self.unet(model_input, timesteps, encoder_hidden_states=context).sample.float()
             evaluations += len(model_input)
             if guided:
                 conditional, unconditional = epsilon.chunk(2)
                 epsilon = guided_epsilon(conditional, unconditional, guidance_scale)
             latents = scheduler.step(epsilon, t, latents, **step_options).prev_sample
         latents = latents.float().cpu()
-        images = None if output_type == "latent" else first_stage.to_uint8(self.decode_latents(latents))
+        if output_type == "latent":
+            images = None
+        else:
+            with autocast(precision, device):
+                images = first_stage.to_uint8(self.decode_latents(latents).float())
         if output_type == "pil":
             from PIL import Image
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from pipeline.io.precision import PRECISIONS
 from pipeline.sampling.weights import WINDOW_WEIGHTS
 
 LID_SAMPLER = "lid_ddim"
@@ -22,8 +23,14 @@ class LargeImageConfig:
     guidance_scale: classifier-free guidance s in eps_u + s (eps_c - eps_u) (pipeline.models.guidance);
         LID's large-image code writes (1 + g) eps_c - g eps_u with g = 3, i.e. s = 4.
     eta: noise multiplier of the step (lid_ddim: scales its beta~; ddim: diffusers' eta).
-    window_batch: windows per UNet call; with guidance the call holds twice as many samples.
-    decode_stride / decode_batch: windows of the blended decode (stride in latent pixels).
+    window_batch: windows per UNet call (with guidance the call holds twice as many samples);
+        None: as many as fit in the free GPU memory (32 on a CPU).
+    decode_stride / decode_batch: windows of the blended decode (stride in latent pixels; batch
+        None: sized from free GPU memory, 4 on a CPU).
+    precision: "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "float32" or "bfloat16".
+    feature_reuse: 1 runs the whole UNet every step; N > 1 runs it every N-th step and only its
+        outermost `reuse_depth` down/up blocks in between, on cached deep features (DeepCache).
+    compile_unet: torch.compile the UNet (off until measured worth its compile time).
     decode_weights: how overlapping decoded windows are blended: "gaussian" (LID's; its
         decode_sigma), "hann" (sin^2 tapers that give a window's border pixels, where a decoder
         sees zero padding instead of context, almost no weight) or "uniform".
@@ -44,9 +51,9 @@ class LargeImageConfig:
     window: int = 64
     guidance_scale: float = 4.0
     eta: float = 1.0
-    window_batch: int = 32
+    window_batch: int | None = None
     decode_stride: int = 16
-    decode_batch: int = 4
+    decode_batch: int | None = None
     decode_sigma: float = 0.8
     decode_weights: str = "gaussian"
     seed: int = 1234
@@ -54,13 +61,22 @@ class LargeImageConfig:
     shift_windows: bool = False
     fusion_weights: str = "uniform"
     fusion_sigma: float = 0.8
+    precision: str = "auto"
+    feature_reuse: int = 1
+    reuse_depth: int = 1
+    compile_unet: bool = False
 
     def __post_init__(self) -> None:
         if self.sampler != LID_SAMPLER and self.sampler not in DIFFUSERS_SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r}: expected {LID_SAMPLER!r} or one of {DIFFUSERS_SAMPLERS}")
-        for name in ("steps", "stride", "window", "window_batch", "decode_stride", "decode_batch"):
-            if getattr(self, name) < 1:
+        for name in ("steps", "stride", "window", "window_batch", "decode_stride", "decode_batch", "feature_reuse",
+                     "reuse_depth"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
+        if self.feature_reuse > 1 and self.shift_windows:
+            raise ValueError("feature_reuse caches each window's features, so the windows cannot shift")
         for name in ("stride", "decode_stride"):
             if getattr(self, name) > self.window:
                 raise ValueError(f"{name} {getattr(self, name)} exceeds the window {self.window}: pixels would be skipped")
@@ -127,10 +143,14 @@ class LargeImageSettings:
     shift_windows: bool | None = None
     fusion_weights: str | None = None
     decode_weights: str | None = None
+    feature_reuse: int | None = None
+    precision: str = "auto"
+    compile_unet: bool = False
     png_max_side: int = PNG_MAX_SIDE
     tiff: bool = True
     jpeg_quality: int = 95  # of the pyramidal TIFFs' JPEG tiles (4:4:4, as the patches)
     device: str = "auto"
+    devices: int = 1  # GPUs of one node that share every step's windows (torchrun)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

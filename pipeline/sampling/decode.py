@@ -79,3 +79,22 @@ def decode_large_image(
     for top, rows in blended_bands(decode, latent, factor, window, stride, batch, weights):
         out[top : top + len(rows)] = rows
     return out
+
+
+CPU_DECODE_BATCH = 4
+GPU_MEMORY_SHARE = 0.5  # of the free memory a decode batch may take (the canvas and band stay resident)
+
+
+def fitting_decode_batch(decode: Decoder, latent: torch.Tensor, window: int, device: torch.device) -> int:
+    """Windows per decoder call: CPU_DECODE_BATCH on a CPU, else as many as fit in the free GPU
+    memory (measured on one window)."""
+    if device.type != "cuda":
+        return CPU_DECODE_BATCH
+    crop = latent[:, :, :window, :window].to(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    decode(crop)
+    per_window = max(1.0, torch.cuda.max_memory_allocated(device) - before)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(free * GPU_MEMORY_SHARE / per_window))

@@ -8,13 +8,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from pipeline.io.precision import autocast
 from pipeline.models.diffusion_pipeline import RLDiffPipeline
 from pipeline.models.guidance import needs_unconditional
 from pipeline.sampling.conditions import window_contexts
 from pipeline.sampling.config import LargeImageConfig
-from pipeline.sampling.decode import blended_bands, decode_large_image
-from pipeline.sampling.fusion import WindowFusion
+from pipeline.sampling.decode import blended_bands, decode_large_image, fitting_decode_batch
+from pipeline.sampling.denoiser import WindowDenoiser
+from pipeline.sampling.fusion import WindowFusion, distributed_rank
 from pipeline.sampling.seams import seam_score, window_boundaries
 from pipeline.sampling.steppers import make_stepper
 from pipeline.sampling.weights import window_weights
@@ -64,8 +67,10 @@ class LargeImageSampler:
         window = config.window
         self.layout = WindowLayout(rows * window, cols * window, window, config.stride)
         condition = model.condition
+        denoiser = WindowDenoiser(model.unet, config.precision, config.feature_reuse, config.reuse_depth,
+                                  config.compile_unet)
         self.fusion = WindowFusion(
-            unet=model.unet,
+            unet=denoiser,
             layout=self.layout,
             contexts=self.contexts(self.layout),
             unconditional=condition.null_context(1),
@@ -107,7 +112,8 @@ class LargeImageSampler:
         canvas = stepper.initial_canvas(self.canvas_shape, generator).to(self.device)
         yield canvas
         layouts = self.shifted_layouts()
-        for t in stepper.timesteps:
+        for step, t in enumerate(stepper.timesteps):
+            self.fusion.denoiser.begin_step(step)
             layout = next(layouts)
             if layout is not self.fusion.layout:
                 self.fusion.set_layout(layout, self.contexts(layout))
@@ -122,11 +128,15 @@ class LargeImageSampler:
         steps = -1  # the first canvas is the start, not a step
         for canvas in self.trajectory():
             steps += 1
+        # Each rank counted its own windows; the sample's cost is their sum.
+        counts = torch.tensor([self.fusion.evaluations - evaluations, self.fusion.calls - calls])
+        if distributed_rank()[1] > 1:
+            dist.all_reduce(counts)
         stats = SamplingStats(
-            windows=round((self.fusion.evaluations - evaluations) / max(steps, 1) / self.evaluations_per_window),
+            windows=round(int(counts[0]) / max(steps, 1) / self.evaluations_per_window),
             steps=steps,
-            unet_evaluations=self.fusion.evaluations - evaluations,
-            unet_calls=self.fusion.calls - calls,
+            unet_evaluations=int(counts[0]),
+            unet_calls=int(counts[1]),
             seconds=time.perf_counter() - started,
         )
         return canvas, stats
@@ -136,7 +146,14 @@ def _decode_arguments(model: RLDiffPipeline, latent: torch.Tensor, config: Large
     """The positional arguments both decode entry points pass to pipeline.sampling.decode."""
     factor = model.downsampling_factor
     weights = window_weights(config.decode_weights, config.window * factor, config.decode_sigma)
-    return (model.decode_latents, latent, factor, config.window, config.decode_stride, config.decode_batch, weights)
+    device = next(model.vae.parameters()).device
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        with autocast(config.precision, device):
+            return model.decode_latents(latents).float()
+
+    batch = config.decode_batch or fitting_decode_batch(decode, latent, config.window, device)
+    return (decode, latent, factor, config.window, config.decode_stride, batch, weights)
 
 
 def decode_canvas(

@@ -33,6 +33,7 @@ class PatchSamplingConfig:
     max_samples: int = 2048
     timestep_spacing: str = "leading"
     steps_offset: int = 1
+    precision: str = "auto"  # bfloat16 autocast on CUDA, float32 on a CPU
     device: str = "auto"
     seed: int = 0
 
@@ -78,7 +79,7 @@ class PatchSampler:
         return self.model(embeddings, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
                           sampler=config.sampler, eta=config.eta, generator=generators,
                           timestep_spacing=config.timestep_spacing, steps_offset=config.steps_offset,
-                          output_type=output_type)
+                          precision=config.precision, output_type=output_type)
 
     def batches(self, embeddings: np.ndarray | torch.Tensor) -> Iterator[PatchBatch]:
         embeddings = np.asarray(embeddings, dtype=np.float32)

@@ -28,6 +28,7 @@ from pipeline.io.large_image_files import StreamedRows, release_mapped_pages, wr
 from pipeline.io.shard_stage import resolve_device
 from pipeline.models import RLDiffPipeline, load_pipeline
 from pipeline.sampling.config import LargeImageConfig, LargeImageSettings
+from pipeline.sampling.fusion import distributed_rank
 from pipeline.sampling.large_image import LargeImageSampler, decoded_bands, large_image_seam_score
 from pipeline.sampling.patches import PatchSampler, PatchSamplingConfig
 from pipeline.sampling.references import (
@@ -169,6 +170,7 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
     number i is sampled with seed + i."""
     out_dir = Path(out_dir)
     k, mode, png_max_side, tiff = settings.k, settings.mode, settings.png_max_side, settings.tiff
+    rank, _ = distributed_rank()
     model = load_pipeline(model_dir).to(resolve_device(settings.device))
     key = embedding_key_of(model, embedding_key)
     index = read_index(embeddings_dir)
@@ -190,6 +192,9 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
         else:
             patches = load_patches(embeddings_dir, region_rows(index, region), key)
             grid, reference = region_grid(region, patches)
+            if rank > 0:  # under torchrun: the other ranks sample their share of the windows, rank 0 writes
+                LargeImageSampler(model, grid, config).sample()
+                continue
             with atomic_dir(folder) as temp:
                 files = generate_region(model, grid, reference, temp, config, pixel_size_um(mpp, kind),
                                         png_max_side, tiff, settings.jpeg_quality)
@@ -202,6 +207,8 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
                           "keys": [list(row) for row in region.keys], "config": asdict(config), **files}
                 (temp / "region.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         records.append(record)
+    if rank > 0:
+        return pd.DataFrame()
     manifest = pd.DataFrame.from_records(
         [{name: value for name, value in r.items() if name not in ("keys", "config")} for r in records])
     for column in ("generated_png", "generated_tif", "reference_png", "reference_tif"):
