@@ -66,6 +66,7 @@ class Mutant:
     name: str  # <source>-<kind>-<seed>: which file, which mutation, reproducible
     data: bytes
     what: str  # the exact change, for failure messages
+    tile: tuple[int, int] | None = None  # (page, tile index) whose bytes a tile mutation changed
 
 
 def _set(data: bytearray, offset: int, raw: bytes) -> None:
@@ -92,9 +93,22 @@ def directory_flip(layout: Layout, rng: random.Random):
     return bytes(data), f"directory entry byte {offset} of page {page_index} set to {value:#04x}"
 
 
+def huffman_segments(tables: bytes) -> list[tuple[int, int]]:
+    """(start, end) of the Huffman table definitions (DHT) inside JPEG tables."""
+    segments, pos = [], 2
+    while pos + 4 <= len(tables) and tables[pos] == 0xFF:
+        length = int.from_bytes(tables[pos + 2:pos + 4], "big")
+        if tables[pos + 1] == 0xC4:
+            segments.append((pos + 4, pos + 2 + length))
+        pos += 2 + length
+    return segments
+
+
 def jpeg_tables_flip(layout: Layout, rng: random.Random):
+    """A byte of the Huffman tables (quantization tables are only numbers: any value is valid)."""
     tag = layout.pages[0].tags[JPEG_TABLES]
-    offset, value = tag.value_offset + rng.randrange(2, tag.count - 2), rng.randrange(256)
+    start, end = rng.choice(huffman_segments(layout.data[tag.value_offset:tag.value_offset + tag.count]))
+    offset, value = tag.value_offset + rng.randrange(start, end), rng.randrange(256)
     data = bytearray(layout.data)
     data[offset] = value
     return bytes(data), f"JPEGTables byte {offset - tag.value_offset} set to {value:#04x}"
@@ -105,6 +119,13 @@ def _tile_range(layout: Layout, rng: random.Random) -> tuple[int, int, int]:
     tiles = [tile for tile in layout.pages[page_index].tiles if tile[1] > 16]
     offset, count = rng.choice(tiles)
     return page_index, offset, count
+
+
+def changed_tile(layout: Layout, mutated: bytes) -> tuple[int, int] | None:
+    """(page, tile index) holding the first byte ``mutated`` changed."""
+    at = next(i for i, (a, b) in enumerate(zip(layout.data, mutated)) if a != b)
+    return next(((p, i) for p, page in enumerate(layout.pages) for i, (offset, count) in enumerate(page.tiles)
+                 if offset <= at < offset + count), None)
 
 
 def tile_flip(layout: Layout, rng: random.Random):
@@ -141,8 +162,7 @@ def description_edit(layout: Layout, rng: random.Random):
     text = layout.data[tag.value_offset:tag.value_offset + tag.count]
     mpp = text.index(b"MPP = ") + len(b"MPP = ")
     choices = [
-        (mpp, bytes([rng.choice(b"0123456789")])),  # one digit of MPP = 0.4990
-        (mpp + 2, bytes([rng.choice(b"0123456789")])),
+        (mpp, bytes([rng.choice(b"123456789")])),  # 0.4990 -> 9.4990 (a later digit gives a plausible value)
         (text.index(b"|MPP") + 1, b"   "),  # "|    = 0.4990": an empty-named property
         (text.index(b"|AppMag") + 1, b"MPP   "),  # a second MPP key
         (mpp, b"-"),
@@ -168,7 +188,10 @@ def georeference(layout: Layout, rng: random.Random):
         return bytes(data), f"ProjectedCSTypeGeoKey set to {code}"
     tag = tags[PIXEL_SCALE if target == "scale" else TIEPOINT]
     index = rng.randrange(2) if target == "scale" else 3 + rng.randrange(2)
-    value = rng.choice([float("nan"), float("inf"), -float("inf"), -5.0, 0.0, 1e-9, 1e6, 1e300])
+    # Only values no image can have: a plausible tiepoint moves the image (Web Mercator's scale, so
+    # its patches, change with latitude); that is a different georeferencing, not a corrupt one.
+    value = rng.choice([float("nan"), float("inf"), -float("inf")] +
+                       ([-5.0, 0.0, 1e-9, 1e6] if target == "scale" else [1e300]))
     struct.pack_into("<d", data, tag.value_offset + 8 * index, value)
     return bytes(data), f"{'ModelPixelScale' if target == 'scale' else 'ModelTiepoint'}[{index}] set to {value!r}"
 
@@ -185,4 +208,5 @@ def mutants(source: str, layout: Layout, kind: str, count: int, seed: int = 0) -
     for index in range(count):
         rng = random.Random(f"{seed}-{source}-{kind}-{index}")
         data, what = KINDS[kind](layout, rng)
-        yield Mutant(f"{source}-{kind}-{index:02d}", data, what)
+        tile = changed_tile(layout, data) if kind in ("tile_flip", "tile_zero") and data != layout.data else None
+        yield Mutant(f"{source}-{kind}-{index:02d}", data, what, tile)

@@ -83,7 +83,14 @@ def naming_file(path: Path) -> Iterator[None]:
 
 
 def layout_problem(page: tifffile.TiffPage) -> str | None:
-    """Why the page's directory cannot place its pixels (segment count or tile size), or None."""
+    """Why the page's directory cannot place its pixels (segment count or tile size), or None.
+
+    Counts come from the tags as written: tifffile trims a wrong count (and logs it)."""
+    tile_tags = {322, 323, 324, 325} & set(page.tags.keys())
+    if not page.is_tiled and tile_tags:
+        return f"tile tags {sorted(tile_tags)} without a usable tile width and length"
+    offsets = page.tags.get(324 if page.is_tiled else 273)
+    listed = offsets.count if offsets is not None else 0
     if page.is_tiled:
         if page.tilewidth * page.tilelength > MAX_TILE_PIXELS:
             return f"{page.tilewidth} x {page.tilelength} px tiles, more than {MAX_TILE_PIXELS / 2**20:g} Mpx"
@@ -94,8 +101,8 @@ def layout_problem(page: tifffile.TiffPage) -> str | None:
         across, down = 1, -(-page.imagelength // max(rows, 1))
         grid = f"{page.imagelength} rows in strips of {rows}"
     expected = across * down * (page.samplesperpixel if page.planarconfig == 2 else 1)
-    if len(page.dataoffsets) != expected or len(page.databytecounts) != expected:
-        return f"{grid} need {expected} segments, but the directory lists {len(page.dataoffsets)} offsets"
+    if listed != expected or len(page.databytecounts) != expected:
+        return f"{grid} need {expected} segments, but the directory lists {listed} offsets"
     return None
 
 
