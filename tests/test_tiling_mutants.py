@@ -118,3 +118,47 @@ def locally_resynchronised(source, mutant, file, different, row) -> bool:
         if x >= box[0] + 240 or x + read <= box[0] or y >= box[1] + 240 or y + read <= box[1]:
             return False
     return True
+
+
+def test_a_child_that_dies_or_runs_out_of_memory_is_that_inputs_failure(tmp_path, monkeypatch):
+    """The per-input guard: a reader killed by a signal, and one that allocates past the limit
+    (a tiny one here: nothing near gigabytes is allocated), fail their input; the dataset completes."""
+    import os
+    import signal
+
+    import pipeline.tiling.slide as slide
+
+    real_open = slide.open_slide_source
+
+    def hostile(path, spec):
+        if "killed" in str(path):
+            os.kill(os.getpid(), signal.SIGKILL)  # runs in the forked child: kills only it
+        if "hungry" in str(path):
+            bytearray(256 * 2**20)  # past the 64 MB limit below
+        return real_open(path, spec)
+
+    monkeypatch.setattr(slide, "open_slide_source", hostile)
+    inputs = {}
+    for name in ("killed", "hungry", "good"):
+        (tmp_path / f"{name}.svs").write_bytes(DEMO_SLIDE.read_bytes())
+        inputs[name] = str(tmp_path / f"{name}.svs")
+    summary = tile_dataset(make_spec(inputs=inputs), tmp_path / "out", memory_mb=64)
+    table = pd.read_csv(tmp_path / "out" / "status.tsv", sep="\t").set_index("input_id")
+    assert table.loc["good", "status"] == "done" and table.loc["good", "patch_count"] > 0
+    assert table.loc["killed", "reason"] == "reader_crashed" and "SIGKILL" in table.loc["killed", "message"]
+    assert table.loc["hungry", "reason"] == "out_of_memory"
+    for name in ("killed", "hungry"):
+        assert inputs[name] in table.loc[name, "message"] and f"FAILED {name}.svs" in summary
+        assert pd.read_parquet(tmp_path / "out" / "inputs" / name / "manifest.parquet").empty
+    assert not list((tmp_path / "out" / "inputs").glob(".*"))  # no half-written folder left
+
+
+def test_the_summary_records_an_input_folder_that_is_missing(tmp_path):
+    """A tile_input job killed from outside leaves no folder: the summary still covers the dataset."""
+    from pipeline.tiling.outputs import summarize_dataset
+
+    tile_dataset(make_spec(inputs={"good": str(DEMO_SLIDE)}), tmp_path)
+    table = summarize_dataset([tmp_path / "inputs" / "good", tmp_path / "inputs" / "gone"],
+                              tmp_path / "status.tsv", tmp_path / "manifest.parquet").set_index("input_id")
+    assert table.loc["good", "status"] == "done"
+    assert (table.loc["gone", "status"], table.loc["gone", "reason"]) == ("error", "reader_crashed")
