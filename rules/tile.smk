@@ -17,7 +17,11 @@ rule tile_input:
     resources:
         mem_mb=4000,
         runtime=120,
+    # The tiling runs in a child whose address space may grow by mem_mb: a file that asks for more
+    # fails with out_of_memory, a child that dies is recorded as reader_crashed; either way the
+    # job writes the input's folder and exits 0, so tile_dataset always summarises the dataset.
     shell:
+        "PIPELINE_TILE_MEMORY_MB={resources.mem_mb} "
         "{params.pipeline} tile-input --spec {params.spec:q} --input-id {wildcards.input_id:q} "
         "--out {output:q} > {log:q} 2>&1"
 

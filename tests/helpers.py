@@ -65,8 +65,8 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
-def pipeline_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def pipeline_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
 def run_pipeline(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -75,10 +75,17 @@ def run_pipeline(args: list[str], **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, **kwargs)
 
 
+def run_pipeline_dying(target: str, after_calls: int, args: list[str], env: dict[str, str] | None = None,
+                       **kwargs) -> subprocess.CompletedProcess:
+    """`python -m pipeline <args>` whose process (whichever calls it: a forked child too) SIGKILLs
+    itself after ``target`` ("module:Attr.path") returned ``after_calls`` times."""
+    module, attribute = target.split(":")
+    return subprocess.run([sys.executable, "-c", _KILL_AFTER_CALLS, module, attribute, str(after_calls), *args],
+                          env=env or pipeline_env(), capture_output=True, **kwargs)
+
+
 def run_pipeline_killed(target: str, after_calls: int, args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """`python -m pipeline <args>`, SIGKILLed after ``target`` ("module:Attr.path") returned ``after_calls`` times."""
-    module, attribute = target.split(":")
-    process = subprocess.run([sys.executable, "-c", _KILL_AFTER_CALLS, module, attribute, str(after_calls), *args],
-                             env=pipeline_env(), capture_output=True, **kwargs)
+    process = run_pipeline_dying(target, after_calls, args, **kwargs)
     assert process.returncode == -9, f"expected a SIGKILL, got {process.returncode}: {process.stderr[-2000:]}"
     return process

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from skimage import color
 
-from helpers import DEMO_SLIDE, decode, make_spec, read_shards, run_pipeline, run_pipeline_killed
+from helpers import (DEMO_SLIDE, decode, make_spec, pipeline_env, read_shards, run_pipeline, run_pipeline_dying,
+                     run_pipeline_killed)
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source
 from pipeline.tiling.tissue import MAX_BACKGROUND_FRACTION, background_fraction
@@ -151,8 +152,18 @@ def test_killed_job_leaves_nothing_finished_and_rerun_is_identical(tmp_path):
     spec = make_spec(inputs={ID: str(DEMO_SLIDE)}, patches_per_shard=5)
     killed = tmp_path / "killed"
     args = ["tile-input", "--spec", spec.to_json(), "--input-id", ID, "--out", str(killed)]
-    run_pipeline_killed("pipeline.io.shards:ShardWriter.write", 7, args, cwd=tmp_path)  # mid second shard
+    # The job itself killed (tiling in-process): nothing that looks finished.
+    run_pipeline_killed("pipeline.io.shards:ShardWriter.write", 7, args, cwd=tmp_path,  # mid second shard
+                        env=pipeline_env(PIPELINE_TILE_MEMORY_MB="0"))
     assert not killed.exists(), "a killed job must not leave its output folder"
+    # The tiling child killed: the job records it as the input's failure, and exits 0.
+    leftovers = set(tmp_path.glob(".killed.tmp-*"))  # the killed job's, which nothing could remove
+    died = run_pipeline_dying("pipeline.io.shards:ShardWriter.write", 7, args, cwd=tmp_path)
+    assert died.returncode == 0, died.stderr[-2000:]
+    status = json.loads((killed / "status.json").read_text())
+    assert (status["status"], status["reason"], status["patch_count"]) == ("error", "reader_crashed", 0)
+    assert "SIGKILL" in status["message"] and str(DEMO_SLIDE) in status["message"]
+    assert not list(killed.glob("*.tar")) and set(tmp_path.glob(".killed.tmp-*")) == leftovers
     run_pipeline(args, cwd=tmp_path)
     reference = tmp_path / "reference"
     tile_input(spec, ID, DEMO_SLIDE, reference, open_slide_source)

@@ -42,6 +42,10 @@ REASONS = {
     "unsupported_dtype": "the pixel data type is not supported",
     "no_crs": "the GeoTIFF has no coordinate reference system",
     "crs_in_degrees": "the GeoTIFF's coordinates are in degrees, not a projected CRS in metres",
+    "too_large": "the file claims an image, tile or read size past the tiler's bounds (corrupt or unpyramided)",
+    "bad_georeference": "the GeoTIFF's geotransform or CRS is non-finite, degenerate, mirrored or unusable",
+    "out_of_memory": "tiling the file needed more memory than its limit",
+    "reader_crashed": "the process tiling the file died (the message names the signal)",
     "unexpected_error": "the reader raised an unforeseen error (the message has it; please report it)",
 }
 

@@ -21,8 +21,11 @@ exceeds ``max_nodata_fraction`` is dropped, and masked pixels of kept tiles are 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,14 +36,16 @@ from affine import Affine
 from PIL import Image, ImageDraw
 from rasterio._err import CPLE_BaseError  # GDAL errors rasterio does not always wrap
 from rasterio.enums import MaskFlags, Resampling
-from rasterio.errors import NodataShadowWarning, NotGeoreferencedWarning, RasterioError
+from rasterio.errors import CRSError, NodataShadowWarning, NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
 from pipeline.config import DatasetSpec
-from pipeline.tiling.failures import Reason, TilingError, check_readable_file, check_upsampling
+from pipeline.tiling.failures import (MAX_READ_PIXELS, Reason, TilingError, check_claimed_pixels, check_readable_file,
+                                      check_upsampling)
 from pipeline.tiling.outputs import Patch
+from pipeline.tiling.tiff_tiles import layout_problem, naming_file
 
 QC_MAX_SIDE = 1024
 # A read size this close to a whole number of source pixels is that number: float noise in
@@ -55,6 +60,13 @@ GROUND_UNIT_TOLERANCE = 0.01
 MERCATOR_PROJECTIONS = {"merc", "webmerc"}
 EARTH_CENTRED = "EPSG:4978"  # WGS 84 geocentric X, Y, Z in metres
 SCALE_BASELINE_PX = 100  # distance between the points whose ground distance gives the scale
+# Plausible source ground sample distances: from a drone's millimetres to a coarse satellite
+# product's 10 km; a pixel size outside is a corrupt geotransform, not a resolution.
+GSD_RANGE = (1e-3, 1e4)
+DEFLATE = {8, 32946}
+# Where rasterio logs GDAL's warnings (libjpeg's "Corrupt JPEG data" among them): during a pixel
+# read, each one is an error of that read.
+GDAL_LOGGERS = ("rasterio._err", "rasterio._env")
 
 
 def gdal_message(exc: BaseException) -> str:
@@ -62,7 +74,76 @@ def gdal_message(exc: BaseException) -> str:
     return str(exc.__cause__ or exc)
 
 
+class _WarningCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def gdal_warnings_fail(path: Path, what: str) -> Iterator[None]:
+    """Raise READ_FAILED for a GDAL warning logged inside the block (GDAL recovers from corrupt
+    data with pixels of its own making and only a warning in the log)."""
+    collector = _WarningCollector()
+    loggers = [logging.getLogger(name) for name in GDAL_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(collector)
+        if logger.getEffectiveLevel() > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(collector)
+            logger.setLevel(level)
+    if collector.messages:
+        raise TilingError(path, Reason.READ_FAILED, f"{what}: GDAL: {'; '.join(dict.fromkeys(collector.messages))}")
+
+
+def check_segments(path: Path) -> None:
+    """What GDAL would not notice in the file's TIFF structure: directories whose segment lists
+    contradict their image and tile sizes (GDAL reads missing tiles as empty), and Deflate tiles
+    that do not inflate completely to their Adler-32 checksum (GDAL stops once it has the bytes)."""
+    import tifffile
+
+    with naming_file(path):
+        try:
+            tiff = tifffile.TiffFile(path)
+        except Exception:  # noqa: BLE001 - not a TIFF tifffile parses: GDAL's reading decides
+            return
+        with tiff:
+            try:
+                pages = list(tiff.pages)
+                problems = [(page, layout_problem(page)) for page in pages]
+            except Exception:  # noqa: BLE001 - tags tifffile cannot interpret: GDAL's reading decides
+                return
+            for page, problem in problems:
+                if problem is not None:
+                    raise TilingError(path, Reason.OPEN_FAILED, f"the directory of image {page.index} contradicts "
+                                                                f"itself: {problem}")
+                if page.compression in DEFLATE:
+                    _inflate_segments(path, tiff, page)
+
+
+def _inflate_segments(path: Path, tiff, page) -> None:
+    handle = tiff.filehandle
+    for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+        if not count:
+            continue
+        handle.seek(offset)
+        try:
+            zlib.decompress(handle.read(count))
+        except zlib.error as exc:
+            raise TilingError(path, Reason.READ_FAILED,
+                              f"segment {index} of image {page.index} (Deflate) is corrupt: {exc}") from exc
+
+
 def open_dataset(path: Path) -> DatasetReader:
+    check_segments(path)
     try:
         with warnings.catch_warnings():
             # Missing georeferencing is reported as a typed failure below, not as a warning.
@@ -121,20 +202,46 @@ def ground_scale(dataset: DatasetReader, path: Path, unit: float) -> tuple[float
 
 def metres_per_crs_unit(dataset: DatasetReader, path: Path) -> float:
     """Check the georeferencing and return the CRS's linear unit in metres (1 for metres, 0.3048 for feet)."""
-    crs = dataset.crs
+    try:
+        crs = dataset.crs
+        if crs is not None and crs.to_wkt():
+            crs.is_geographic, crs.to_string(), crs.to_dict()  # what the checks below use
+    except CRSError as exc:
+        raise TilingError(path, Reason.BAD_GEOREFERENCE, f"its CRS cannot be used: {exc}") from exc
     if crs is None or not crs.to_wkt():
         hint = "; it has ground control points only: warp it first (gdalwarp)" if dataset.gcps[0] else ""
         raise TilingError(path, Reason.NO_CRS, f"no coordinate reference system{hint}")
     if crs.is_geographic:
         raise TilingError(path, Reason.CRS_IN_DEGREES,
                           f"{crs.to_string()} is geographic (degrees): reproject to a projected CRS in metres")
-    if dataset.transform.is_identity or min(pixel_size(dataset.transform)) <= 0:
+    if dataset.transform.is_identity:
         raise TilingError(path, Reason.NO_CRS, f"a CRS ({crs.to_string()}) but no geotransform")
+    check_transform(dataset.transform, path)
     try:
         _unit, factor = crs.linear_units_factor
     except RasterioError as exc:
         raise TilingError(path, Reason.NO_CRS, f"{crs.to_string()} has no linear unit: {exc}") from exc
+    except CRSError as exc:
+        raise TilingError(path, Reason.BAD_GEOREFERENCE, f"its CRS ({crs.to_string()}) cannot be used: {exc}") from exc
     return float(factor)
+
+
+def check_transform(transform: Affine, path: Path) -> None:
+    """A geotransform that places pixels: finite, not degenerate, not mirrored (columns run east,
+    rows south of them, as GeoTIFF's positive pixel scales say), pixels of a plausible size."""
+    coefficients = tuple(transform)[:6]
+    if not all(math.isfinite(value) for value in coefficients):
+        raise TilingError(path, Reason.BAD_GEOREFERENCE, f"the geotransform {coefficients} is not finite")
+    determinant = transform.a * transform.e - transform.b * transform.d
+    if determinant >= 0:
+        shape = "degenerate (zero-area pixels)" if determinant == 0 else "mirrored (a negative pixel scale)"
+        raise TilingError(path, Reason.BAD_GEOREFERENCE, f"the geotransform {coefficients} is {shape}: "
+                                                         "fix the georeferencing (e.g. gdalwarp it)")
+    sizes = pixel_size(transform)
+    if not all(GSD_RANGE[0] <= size <= GSD_RANGE[1] for size in sizes):
+        raise TilingError(path, Reason.BAD_GEOREFERENCE,
+                          f"pixels of {sizes[0]:.4g} x {sizes[1]:.4g} map units are outside the plausible "
+                          f"{GSD_RANGE[0]:g}-{GSD_RANGE[1]:g}: the geotransform is corrupt")
 
 
 def check_bands(dataset: DatasetReader, path: Path, bands: tuple[int, ...]) -> None:
@@ -222,6 +329,7 @@ class AerialSource:
         self.rows = math.floor(dataset.height / self.read_h + SNAP_TOLERANCE)
         self.crs = self.info["crs"]
         self.info.update(read_size=self.read_w, grid_cols=self.cols, grid_rows=self.rows)
+        check_claimed_pixels(path, "one row of tiles", self.cols * spec.patch_size, spec.patch_size, MAX_READ_PIXELS)
         if self.cols == 0 or self.rows == 0:
             raise TilingError(path, Reason.TOO_SMALL,
                               f"{dataset.width}x{dataset.height} px at {self.source_gsd:.4g} m/px is smaller than "
@@ -243,21 +351,26 @@ class AerialSource:
             window = Window(0, row * self.read_h, self.cols * self.read_w, self.read_h)
             shape = (len(self.bands), patch, self.cols * patch)
         try:
-            pixels = self.dataset.read(self.bands, window=window, out_shape=shape, resampling=self.resampling)
-            valid = None
-            if self.masked:
-                with warnings.catch_warnings():
-                    # GDAL lets a nodata value win over an alpha band; that is the order we document.
-                    warnings.simplefilter("ignore", NodataShadowWarning)
-                    masks = self.dataset.read_masks(self.bands, window=window, out_shape=shape,
-                                                    resampling=Resampling.nearest)
-                # Like GDAL's dataset mask: a pixel is nodata only when all bands used say so.
-                # An alpha band's own mask is all-valid, so configuring a band tagged alpha as a
-                # colour (an RGBN file written as RGBA) turns the alpha masking off, as it should.
-                valid = masks.any(axis=0)
+            with gdal_warnings_fail(self.path, f"reading tile row {row}"):
+                pixels, valid = self._read_window(window, shape)
         except GDAL_ERRORS as exc:
             raise TilingError(self.path, Reason.READ_FAILED,
                               f"reading tile row {row} failed: {gdal_message(exc)}") from exc
+        return pixels, valid
+
+    def _read_window(self, window: Window, shape: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        pixels = self.dataset.read(self.bands, window=window, out_shape=shape, resampling=self.resampling)
+        valid = None
+        if self.masked:
+            with warnings.catch_warnings():
+                # GDAL lets a nodata value win over an alpha band; that is the order we document.
+                warnings.simplefilter("ignore", NodataShadowWarning)
+                masks = self.dataset.read_masks(self.bands, window=window, out_shape=shape,
+                                                resampling=Resampling.nearest)
+            # Like GDAL's dataset mask: a pixel is nodata only when all bands used say so.
+            # An alpha band's own mask is all-valid, so configuring a band tagged alpha as a
+            # colour (an RGBN file written as RGBA) turns the alpha masking off, as it should.
+            valid = masks.any(axis=0)
         return pixels, valid
 
     def patches(self) -> Iterator[Patch]:
@@ -300,8 +413,9 @@ class AerialSource:
         scale = max(1.0, max(width, height) / QC_MAX_SIDE)
         size = (max(1, round(width / scale)), max(1, round(height / scale)))
         try:  # an out_shape read lets GDAL use the overviews instead of decoding full resolution
-            pixels = self.dataset.read(self.bands, out_shape=(len(self.bands), size[1], size[0]),
-                                       resampling=Resampling.average)
+            with gdal_warnings_fail(self.path, "reading the overview"):
+                pixels = self.dataset.read(self.bands, out_shape=(len(self.bands), size[1], size[0]),
+                                           resampling=Resampling.average)
         except GDAL_ERRORS as exc:
             raise TilingError(self.path, Reason.READ_FAILED,
                               f"reading the overview failed: {gdal_message(exc)}") from exc

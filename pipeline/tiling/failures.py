@@ -26,6 +26,10 @@ class Reason(str, enum.Enum):
     NO_CRS = "no_crs"  # an aerial image without a coordinate reference system
     CRS_IN_DEGREES = "crs_in_degrees"  # geographic CRS: the ground sample distance is not in metres
     CRS_NOT_GROUND_METRES = "crs_not_ground_metres"  # projected, but map units far from ground metres, no known fix
+    TOO_LARGE = "too_large"  # the file claims sizes (image, tile, read) past the tiler's bounds: refused unread
+    BAD_GEOREFERENCE = "bad_georeference"  # a geotransform or CRS that is non-finite, degenerate, mirrored or unusable
+    OUT_OF_MEMORY = "out_of_memory"  # tiling the input needed more memory than its limit
+    READER_CRASHED = "reader_crashed"  # the process tiling the input died (a signal) or left no status
     UNEXPECTED_ERROR = "unexpected_error"  # a reader raised something unforeseen: a bug to report
 
 
@@ -48,6 +52,24 @@ def check_readable_file(path: str | Path) -> Path:
     if path.is_file() and path.stat().st_size == 0:
         raise TilingError(path, Reason.EMPTY_FILE, "the file is empty (0 bytes)")
     return path
+
+
+# Bounds on what a file's claims may make the tiler allocate, checked before anything is read:
+# one tile (OpenSlide and the tile reader allocate whole tiles; real ones are at most 4096 px a side)
+# and one region (a whole level for the tissue mask, a strip of aerial tiles). A region costs up
+# to ~12 bytes a pixel on OpenSlide's path (ARGB, RGBA, RGB copies): 2^27 px stay near 1.5 GiB,
+# under the tile rules' 4 GB.
+MAX_TILE_PIXELS = 2**24
+MAX_READ_PIXELS = 2**27
+
+
+def check_claimed_pixels(path: str | Path, what: str, width: float, height: float, limit: int) -> None:
+    """Refuse a read of ``width`` x ``height`` px the file asks for, past ``limit`` pixels."""
+    if not (width * height <= limit):  # also catches NaN
+        raise TilingError(path, Reason.TOO_LARGE,
+                          f"{what} would be {width:.0f} x {height:.0f} px, more than the {limit / 2**20:g} Mpx "
+                          "the tiler reads at once: the file's dimensions are corrupt, or it needs a pyramid "
+                          "(overview levels) to be tiled")
 
 
 def check_upsampling(path: str | Path, source_size: float, target: float, max_upsample: float, unit: str) -> None:

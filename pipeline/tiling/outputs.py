@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,7 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
                         key = patch_key(input_id, patch.row, patch.col)
                         meta = {"dataset": spec.name, "source": path.name, **patch.meta,
                                 "col": patch.col, "row": patch.row}
+                        check_finite(path, meta)
                         fields = {spec.image_format: encode_image(patch.rgb, spec.image_format, spec.jpeg_quality),
                                   "json": encode_json(meta)}
                         shard = shards.write(key, fields)
@@ -110,9 +112,8 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
                 source.close()
             status.update(status="done", reason=None, message=None, patch_count=len(rows))
         except Exception as exc:  # noqa: BLE001 - one bad input must never stop the dataset
-            failure = exc if isinstance(exc, TilingError) else TilingError(
-                path, Reason.UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
-            if not isinstance(exc, TilingError):
+            failure = exc if isinstance(exc, TilingError) else as_failure(path, exc)
+            if failure.reason is Reason.UNEXPECTED_ERROR:
                 log.exception("unexpected error while tiling %s", path)
             keep = {THUMBNAIL_FILE} if failure.reason is Reason.NO_TISSUE else set()
             for leftover in temp.iterdir():  # drop shards of a half-read input
@@ -124,8 +125,44 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
             log.warning("%s", failure)
         _manifest_frame(rows).to_parquet(temp / MANIFEST_FILE, index=False)
         status["seconds"] = round(time.perf_counter() - started, 3)
-        (temp / STATUS_FILE).write_text(json.dumps(status, indent=1, sort_keys=True, default=str))
+        (temp / STATUS_FILE).write_text(status_json(status))
     return status
+
+
+def as_failure(path: Path, exc: BaseException) -> TilingError:
+    if isinstance(exc, MemoryError):  # raised where an allocation failed: under a memory limit, the limit
+        return TilingError(path, Reason.OUT_OF_MEMORY, f"an allocation failed{f': {exc}' if str(exc) else ''}")
+    return TilingError(path, Reason.UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def check_finite(path: Path, meta: dict[str, Any]) -> None:
+    """Patch metadata must be valid JSON: NaN and Infinity are not (the readers check their inputs;
+    this stops what they missed)."""
+    try:
+        json.dumps(meta, allow_nan=False)
+    except ValueError as exc:
+        raise TilingError(path, Reason.UNEXPECTED_ERROR, f"a patch's metadata is not finite: {meta}") from exc
+
+
+def status_json(status: dict[str, Any]) -> str:
+    """The status as strict JSON: a non-finite fact a failed reader learnt (an infinite pixel size)
+    is recorded as its text."""
+    finite = {key: repr(value) if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in status.items()}
+    return json.dumps(finite, indent=1, sort_keys=True, default=str, allow_nan=False)
+
+
+def failed_status(input_id: str, path: str | Path, reason: Reason, detail: str, **facts: Any) -> dict[str, Any]:
+    """The status record of an input that produced nothing, for writers other than tile_input."""
+    return {"input_id": input_id, "source": Path(path).name, "path": str(path), **facts, "status": "error",
+            "reason": reason.value, "message": str(TilingError(path, reason, detail)), "patch_count": 0}
+
+
+def write_failed_folder(out_dir: str | Path, status: dict[str, Any]) -> None:
+    """An input folder holding only a failure: empty manifest, status (written atomically)."""
+    with atomic_dir(out_dir) as temp:
+        _manifest_frame([]).to_parquet(temp / MANIFEST_FILE, index=False)
+        (temp / STATUS_FILE).write_text(status_json(status))
 
 
 def summarize_dataset(input_dirs: list[str | Path], status_out: str | Path,
@@ -133,6 +170,11 @@ def summarize_dataset(input_dirs: list[str | Path], status_out: str | Path,
     """Gather per-input folders into the dataset status table and the dataset patch index."""
     statuses, manifests = [], []
     for folder in map(Path, input_dirs):
+        if not (folder / STATUS_FILE).is_file():
+            # Its job died before writing anything (killed from outside): a failure, not a lost dataset.
+            statuses.append(failed_status(folder.name, folder, Reason.READER_CRASHED,
+                                          "the input's tiling job left no status.json (it was killed or crashed)"))
+            continue
         status = json.loads((folder / STATUS_FILE).read_text())
         statuses.append(status)
         manifest = pd.read_parquet(folder / MANIFEST_FILE)

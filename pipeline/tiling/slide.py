@@ -19,9 +19,10 @@ import openslide
 from PIL import Image, ImageDraw
 
 from pipeline.config import DatasetSpec
-from pipeline.tiling.failures import Reason, TilingError, check_readable_file, check_upsampling
+from pipeline.tiling.failures import (MAX_READ_PIXELS, MAX_TILE_PIXELS, Reason, TilingError, check_claimed_pixels,
+                                      check_readable_file, check_upsampling)
 from pipeline.tiling.outputs import Patch
-from pipeline.tiling.tiff_tiles import TiffLevelReader, TileDecodeError
+from pipeline.tiling.tiff_tiles import TiffLayoutError, TiffLevelReader, TileDecodeError
 from pipeline.tiling.tissue import box_fractions, is_background_patch, tissue_mask
 
 # Plausible level-0 resolutions: 0.05 um/px is beyond any light microscope, 100 um/px is a
@@ -116,6 +117,23 @@ def _as_float(text: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) and value > 0 else None
 
 
+def slide_properties(slide: openslide.OpenSlide) -> dict[str, str]:
+    """The slide's properties as a dict. OpenSlide lists a property whose name is empty (an Aperio
+    description with ``| = value``) but cannot look it up: such names are left out."""
+    names = slide.properties.keys()
+    return {name: slide.properties[name] for name in names if name}
+
+
+def check_level_claims(slide: openslide.OpenSlide, path: Path) -> None:
+    """Refuse levels whose claimed tiles are too large to allocate (OpenSlide allocates a whole tile)."""
+    for level, (width, height) in enumerate(slide.level_dimensions):
+        if width <= 0 or height <= 0:
+            raise TilingError(path, Reason.OPEN_FAILED, f"level {level} claims {width} x {height} px")
+        tile_w = _as_float(slide.properties.get(f"openslide.level[{level}].tile-width")) or 1
+        tile_h = _as_float(slide.properties.get(f"openslide.level[{level}].tile-height")) or 1
+        check_claimed_pixels(path, f"one tile of level {level}", tile_w, tile_h, MAX_TILE_PIXELS)
+
+
 def best_level(downsamples: tuple[float, ...], wanted: float) -> int:
     """Coarsest level whose downsample does not exceed ``wanted`` (never read below target resolution)."""
     level = 0
@@ -186,7 +204,11 @@ class SlideSource:
         # failure records everything known when it happened.
         self.info: dict[str, Any] = {}
         try:
-            self.tiles = TiffLevelReader.open(path, self.slide)
+            check_level_claims(self.slide, path)
+            try:
+                self.tiles = TiffLevelReader.open(path, self.slide)
+            except TiffLayoutError as exc:
+                raise TilingError(path, Reason.OPEN_FAILED, str(exc).removeprefix(f"{path}: ")) from exc
             self._plan()
         except BaseException as exc:
             if isinstance(exc, TilingError):
@@ -219,11 +241,13 @@ class SlideSource:
         width, height = slide.dimensions
         self.info.update(width=width, height=height, vendor=slide.properties.get(openslide.PROPERTY_NAME_VENDOR),
                          target_mpp=spec.target_mpp)
-        self.mpp, mpp_source = level0_mpp(dict(slide.properties), path, spec)
+        self.mpp, mpp_source = level0_mpp(slide_properties(slide), path, spec)
         self.info.update(level0_mpp=self.mpp, mpp_source=mpp_source)
         check_upsampling(path, self.mpp, spec.target_mpp, spec.max_upsample, "um")
         self.read_size = round(spec.patch_size * spec.target_mpp / self.mpp)
         self.level = best_level(slide.level_downsamples, self.read_size / spec.patch_size)
+        level_read = self.read_size / slide.level_downsamples[self.level]
+        check_claimed_pixels(path, f"one patch's read at level {self.level}", level_read, level_read, MAX_READ_PIXELS)
         # Whole patches only: edge tiles are dropped, never stretched.
         self.cols, self.rows = width // self.read_size, height // self.read_size
         self.info.update(read_size=self.read_size, read_level=self.level, grid_cols=self.cols, grid_rows=self.rows)
@@ -234,8 +258,11 @@ class SlideSource:
         qc_scale = max(1.0, max(width, height) / QC_MAX_SIDE)
         # One read serves the mask and the QC image (and, below, the patches).
         overview_level = slide.get_best_level_for_downsample(min(downsample, qc_scale))
+        check_claimed_pixels(path, f"level {overview_level}, read whole for the tissue mask",
+                             *slide.level_dimensions[overview_level], MAX_READ_PIXELS)
         try:
             overview = self._read_level(overview_level)
+            self.info["pixel_reader"] = "tifffile" if self._from_tiles(self.level) else "openslide"
         except (openslide.OpenSlideError, TileDecodeError) as exc:
             raise TilingError(path, Reason.READ_FAILED, f"cannot read pixels for the thumbnail: {exc}") from exc
         level_scale = width / overview.shape[1], height / overview.shape[0]
@@ -258,7 +285,6 @@ class SlideSource:
         # from that image instead of decoding every tile a second time.
         self.level_image = overview if overview_level == self.level == 0 else None
         del overview, level_view, base
-        self.info["pixel_reader"] = "tifffile" if self._from_tiles(self.level) else "openslide"
         self.mask = tissue_mask(self.thumbnail)
         rows, cols = np.mgrid[0:self.rows, 0:self.cols]
         fractions = box_fractions(self.mask, cols.ravel() * self.read_size / self.mask_scale[0],
