@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.embedding.checkpoints import LAYOUTS, convert_state_dict, file_sha256, read_checkpoint
+from pipeline.embedding.checkpoints import LAYOUTS, convert_state_dict, read_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.io.hashing import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

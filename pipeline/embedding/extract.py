@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.io.atomic import atomic_file
-from pipeline.io.shard_stage import PatchImages, process_shards, resolve_device
+from pipeline.io.device import resolve_device
+from pipeline.io.shard_stage import PatchImages, process_shards
 from pipeline.io.shards import encode_json, encode_npy, image_field, read_shard, write_shard
 
 INDEX_COLUMNS = ["key", "input_id", "source", "x", "y", "col", "row", "shard"]

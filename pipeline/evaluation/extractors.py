@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.embedding.checkpoints import file_sha256
 from pipeline.embedding.encoders import Encoder, build_encoder
 from pipeline.evaluation.settings import EvaluationError, EvaluationSettings
+from pipeline.io.hashing import file_sha256
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 CLIP_MODEL = "ViT-B/32"

@@ -26,7 +26,7 @@ from pipeline.evaluation.inputs import (LargeImages, PatchSamples, read_large_im
                                         write_region_crops)
 from pipeline.evaluation.settings import EvaluationError, EvaluationSettings
 from pipeline.io.atomic import write_text_atomic
-from pipeline.io.shard_stage import resolve_device
+from pipeline.io.device import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_dir, atomic_file, remove_path, write_text_atomic
 from pipeline.io.large_image_files import StreamedRows, release_mapped_pages, write_png, write_pyramid_tiff
-from pipeline.io.shard_stage import resolve_device
+from pipeline.io.device import resolve_device
 from pipeline.models import RLDiffPipeline, load_pipeline
 from pipeline.sampling.config import LargeImageConfig, LargeImageSettings
 from pipeline.sampling.large_image import LargeImageSampler, decoded_bands, large_image_seam_score
