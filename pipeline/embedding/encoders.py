@@ -270,6 +270,11 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).float()
 
+    def record(self) -> dict[str, Any]:
+        """What identifies this encoder's embeddings (each embedding shard's json holds it per encoder)."""
+        return {"spec_sha256": self.spec_hash, "weights_sha256": self.weights_sha256,
+                "random_weights": bool(self.random_weights), "dim": self.spec.output_dim}
+
     def extra_repr(self) -> str:
         source = "RANDOM weights" if self.random_weights else f"weights sha256 {self.weights_sha256[:12]}"
         return f"name={self.spec.name}, {source}"

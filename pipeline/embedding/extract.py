@@ -41,12 +41,6 @@ class EmbeddingSettings:
         return resolve_device(self.device)
 
 
-def encoder_record(encoder) -> dict[str, Any]:
-    """What identifies an embedding: encoder name, spec hash, weights hash, random or not."""
-    return {"spec_sha256": encoder.spec_hash, "weights_sha256": encoder.weights_sha256,
-            "random_weights": bool(encoder.random_weights), "dim": encoder.spec.output_dim}
-
-
 @torch.inference_mode()
 def embed_images(encoders: Sequence[Any], images: Dataset, settings: EmbeddingSettings,
                  progress: tqdm | None = None) -> dict[str, np.ndarray]:
@@ -74,7 +68,7 @@ def embed_shard(source: Path, target: Path, encoders: Sequence[Any], settings: E
     """Embed one tiling shard into ``target`` (atomic). Returns the number of samples."""
     samples = read_shard(source)
     vectors = embed_images(encoders, PatchImages(samples), settings, progress)
-    records = {e.spec.name: encoder_record(e) for e in encoders}
+    records = {e.spec.name: e.record() for e in encoders}
     out = []
     for index, sample in enumerate(samples):
         meta = json.loads(sample["json"])

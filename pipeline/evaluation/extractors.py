@@ -175,15 +175,10 @@ class EncoderFeatures:
         return self.encoder(self.encoder.preprocess(pixels))
 
 
-def encoder_record(encoder: Encoder) -> dict[str, Any]:
-    return {"name": encoder.spec.name, "model": encoder.spec.description,
-            "weights_sha256": encoder.weights_sha256, "spec_sha256": encoder.spec_hash,
-            "random_weights": bool(encoder.random_weights), "dim": encoder.spec.output_dim}
-
-
 def encoder_extractor(encoder: Encoder) -> FeatureExtractor:
     name = encoder.spec.name
-    record = {**encoder_record(encoder), "input": "the uint8 patch through the encoder's own preprocessing"}
+    record = {"name": name, "model": encoder.spec.description, **encoder.record(),
+              "input": "the uint8 patch through the encoder's own preprocessing"}
     return FeatureExtractor(name, f"fd_{name}", f"kd_{name}", EncoderFeatures(encoder), keep_size,
                             encoder.spec.output_dim, record)
 

@@ -21,7 +21,7 @@ from pipeline.embedding.extract import EmbeddingSettings, embed_images
 from pipeline.evaluation.distances import (KID_SEED, degenerate_covariance_warning, features_frechet_distance,
                                            kernel_distance, kid_subset_size)
 from pipeline.evaluation.extractors import (EncoderCache, ExtractorUnavailable, FeatureExtractor, build_extractor,
-                                            encoder_record)
+                                            encoder_extractor)
 from pipeline.evaluation.inputs import (LargeImages, PatchSamples, read_large_images, read_patch_samples, read_rgb,
                                         write_region_crops)
 from pipeline.evaluation.settings import EvaluationError, EvaluationSettings
@@ -122,6 +122,7 @@ class Evaluation:
     def similarity(self, scope: str, embedding_key: str, generated: Sequence[Path], real: Sequence[Path],
                    conditions: np.ndarray, context: dict[str, Any]) -> None:
         encoder = self.encoders.get(embedding_key)
+        record = encoder_extractor(encoder).record  # the features' record: the same encoder, the same input
         prefix = SCOPE_PREFIX[scope]
         # The real image's own cosine is the ceiling: far below 1, the conditions were not made by
         # this encoder (other weights or preprocessing) and the generated cosine cannot be read.
@@ -130,7 +131,7 @@ class Evaluation:
             cosines = cosine_similarities(encoder, files, conditions, self.settings)
             spread = {"std": float(cosines.std()), "min": float(cosines.min()),
                       "median": float(np.median(cosines)), "max": float(cosines.max())}
-            self.record(name, float(cosines.mean()), scope, counts, encoder_record(encoder), context, [], **spread)
+            self.record(name, float(cosines.mean()), scope, counts, record, context, [], **spread)
 
     def patches(self, samples: PatchSamples) -> None:
         context = {"dataset": samples.dataset, "mpp": samples.mpp, "sampler": samples.sampler}
