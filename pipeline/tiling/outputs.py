@@ -98,9 +98,9 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
                         key = patch_key(input_id, patch.row, patch.col)
                         meta = {"dataset": spec.name, "source": path.name, **patch.meta,
                                 "col": patch.col, "row": patch.row}
-                        fields = {spec.image_format: encode_image(patch.rgb, spec.image_format, spec.jpeg_quality),
-                                  "json": encode_json(meta)}
-                        shard = shards.write(key, fields)
+                        shard = shards.write({
+                            "__key__": key, "json": encode_json(meta),
+                            spec.image_format: encode_image(patch.rgb, spec.image_format, spec.jpeg_quality)})
                         rows.append({"key": key, **meta, "shard": shard})
                 # Written for no_tissue too: the mask (or nodata) it shows is why nothing was kept.
                 source.qc_thumbnail().save(temp / THUMBNAIL_FILE, quality=90)
