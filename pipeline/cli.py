@@ -55,7 +55,7 @@ def _embed_input(args: argparse.Namespace) -> int:
 
 
 def _embed_index(args: argparse.Namespace) -> int:
-    from pipeline.embedding.extract import write_dataset_index
+    from pipeline.embedding.outputs import write_dataset_index
 
     index = write_dataset_index([Path(p).parent for p in args.inputs], args.out)
     print(f"{args.out}: {len(index)} patches")
@@ -82,16 +82,14 @@ def training_config(table: dict, embedding_key: str, holdout_fraction: float = 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    import json
-
-    from pipeline.io.atomic import write_text_atomic
+    from pipeline.training.outputs import write_training_done
     from pipeline.training.run import last_checkpoint, train
 
     config = training_config(_table(args.settings), args.embedding_key, args.holdout_fraction, args.seed)
     train(config, [Path(p).parent for p in args.latents], args.run)
     checkpoint = last_checkpoint(args.run)
     if args.done:
-        write_text_atomic(args.done, json.dumps({"checkpoint": str(checkpoint), "max_steps": config.max_steps}))
+        write_training_done(args.done, checkpoint, config.max_steps)
     print(f"{args.run}: trained to step {config.max_steps}; {checkpoint}")
     return 0
 
