@@ -3,13 +3,17 @@
 #   snakemake --cores N tile       one stage (targets: tile, embed, latents, train, sample, large_image,
 #                                  evaluate, report)
 #   snakemake --report report.html the report: one self-contained HTML file (after the run)
-# Configuration: workflow_config.yaml, validated against pipeline/schemas/workflow_config.schema.yaml.
+# Configuration: validated against pipeline/schemas/workflow_config.schema.yaml, which holds every
+# default. workflow_config.yaml is the demo; `--configfile my.yaml` replaces it (it is not merged
+# into the demo), `--config key=value` changes single keys of whichever is used.
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "workflow_config.yaml"
+if not workflow.config_settings.configfiles:
+
+    configfile: f"{workflow.basedir}/workflow_config.yaml"
 
 
 report: "report/workflow.rst"

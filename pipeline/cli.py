@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from pipeline.config import DatasetSpec, load_config, schema_default, settings_from_table
@@ -82,14 +83,20 @@ def training_config(table: dict, embedding_key: str, holdout_fraction: float = 0
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipeline.embedding.outputs import recorded_encoder
     from pipeline.training.outputs import write_training_done
     from pipeline.training.run import last_checkpoint, train
 
+    from pipeline.training.run import ProgressLines
+
     config = training_config(_table(args.settings), args.embedding_key, args.holdout_fraction, args.seed)
-    train(config, [Path(p).parent for p in args.latents], args.run)
+    every = args.progress_every or max(1, config.max_steps // 20)
+    train(config, [Path(p).parent for p in args.latents], args.run,
+          callbacks=[ProgressLines(Path(args.run).name, config.max_steps, every)])
     checkpoint = last_checkpoint(args.run)
-    if args.done:
-        write_training_done(args.done, checkpoint, config.max_steps)
+    if args.done:  # with what export-model records about the model's conditions
+        write_training_done(args.done, checkpoint, config.max_steps,
+                            recorded_encoder(args.latents, config.embedding_key))
     print(f"{args.run}: trained to step {config.max_steps}; {checkpoint}")
     return 0
 
@@ -97,13 +104,16 @@ def _train(args: argparse.Namespace) -> int:
 def _export_model(args: argparse.Namespace) -> int:
     from pipeline.models.autoencoder import AutoencoderSettings
     from pipeline.training.export import export_checkpoint
+    from pipeline.training.outputs import read_training_done
     from pipeline.training.run import last_checkpoint
 
     checkpoint = last_checkpoint(args.run)
     if checkpoint is None:
         raise PipelineError(f"{args.run}: no checkpoint to export")
     autoencoder = settings_from_table(AutoencoderSettings, _table(args.autoencoder), "latents.autoencoder")
-    export_checkpoint(checkpoint, args.out, autoencoder.load(), use_ema=not args.no_ema)
+    done = read_training_done(args.run)
+    encoder = done.encoder if done else None
+    export_checkpoint(checkpoint, args.out, autoencoder.load(), use_ema=not args.no_ema, encoder=encoder)
     print(f"{args.out}: exported {checkpoint}")
     return 0
 
@@ -256,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=schema_default("seed"), help="the config's top-level seed")
     p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="training"))
     p.add_argument("--done", help="file written when training reached max_steps")
+    p.add_argument("--progress-every", type=int, help="steps between progress lines on stdout (default: 1/20 of the run)")
     p.add_argument("latents", nargs="+", help="per-input latent manifest.parquet files")
     p.set_defaults(func=_train)
 
@@ -309,8 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line (Python's default format repeats the source line that raised it)."""
+    return f"{category.__name__}: {message} ({filename}:{lineno})\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -190,22 +190,23 @@ class DatasetSpec:
 
     name: str
     kind: str
-    inputs: dict[str, str]  # input id -> path
+    inputs: dict[str, str]  # input id -> absolute path
     target_mpp: float  # um/px for slides, m/px for aerial
-    patch_size: int
-    tissue_threshold: float
-    mpp_overrides: str | None
-    mpp_from_objective: bool
-    bands: tuple[int, ...]
-    max_nodata_fraction: float
-    max_upsample: float  # source pixel size / target pixel size allowed
-    image_format: str
-    jpeg_quality: int
-    patches_per_shard: int
+    # The rest: the schema's `datasets.<name>` keys and defaults (tests/test_settings.py checks).
+    patch_size: int = 256
+    tissue_threshold: float = 0.5
+    mpp_overrides: str | None = None
+    mpp_from_objective: bool = False
+    bands: tuple[int, ...] = (1, 2, 3)
+    max_nodata_fraction: float = 0.05
+    max_upsample: float = 1.5  # source pixel size / target pixel size allowed
+    image_format: str = "jpg"
+    jpeg_quality: int = 95
+    patches_per_shard: int = 2000
     encoders: tuple[str, ...] = ()
     # Kept out of training for sampling and evaluation (see pipeline.splits).
     holdout_inputs: tuple[str, ...] = ()  # input ids
-    holdout_fraction: float = 0.0
+    holdout_fraction: float = 0.1
 
     @property
     def training_inputs(self) -> list[str]:
@@ -230,17 +231,16 @@ class DatasetSpec:
 
 
 def expand_inputs(patterns: list[str], base_dir: Path, dataset: str) -> dict[str, str]:
-    """Expand globs (relative to ``base_dir``) into {input id: path}, sorted by path."""
+    """Expand paths and globs (relative ones against ``base_dir``) into {input id: absolute path},
+    sorted by path."""
     paths: list[Path] = []
     for pattern in patterns:
-        if not glob.has_magic(pattern):
-            matches = [pattern]  # a missing file is reported by its tiling job, not here
-        elif Path(pattern).is_absolute():
-            matches = sorted(glob.glob(pattern))
-        else:  # keep relative paths relative, as the user wrote them
-            matches = sorted(glob.glob(pattern, root_dir=base_dir))
+        full = str(absolute_path(pattern, base_dir))
+        # A missing file (no glob) is reported by its tiling job as `not_found`, not here.
+        matches = sorted(glob.glob(full)) if glob.has_magic(full) else [full]
         if not matches:
-            raise ConfigError(f"datasets.{dataset}.inputs: pattern {pattern!r} matches no file")
+            where = "" if Path(pattern).is_absolute() else f" (relative to {base_dir})"
+            raise ConfigError(f"datasets.{dataset}.inputs: pattern {pattern!r} matches no file{where}")
         paths.extend(Path(m) for m in matches)
     by_id: dict[str, str] = {}
     for path in sorted(dict.fromkeys(paths)):
@@ -252,6 +252,13 @@ def expand_inputs(patterns: list[str], base_dir: Path, dataset: str) -> dict[str
             )
         by_id[ident] = str(path)
     return by_id
+
+
+def absolute_path(value: str, base_dir: Path) -> Path:
+    """A path from the config: ``~`` expanded, a relative one taken from ``base_dir`` (the config
+    file's folder)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
 
 
 def held_out_inputs(patterns: list[str], inputs: dict[str, str], base_dir: Path, dataset: str) -> tuple[str, ...]:
@@ -271,8 +278,8 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
     specs = {}
     for name, ds in config["datasets"].items():
         overrides = ds["mpp_overrides"]
-        if overrides is not None and not Path(overrides).is_absolute():
-            overrides = str(base_dir / overrides)
+        if overrides is not None:
+            overrides = str(absolute_path(overrides, base_dir))
         inputs = expand_inputs(ds["inputs"], base_dir, name)
         specs[name] = DatasetSpec(
             name=name,
@@ -302,9 +309,93 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
     return specs
 
 
+# Settings that name files, relative to the config file's folder like the dataset inputs:
+# (table path, key, what it must be).
+PATH_SETTINGS = ((("latents", "autoencoder"), "path", "path"), (("training",), "init_from", "dir"),
+                 (("evaluation",), "inception_weights", "file"), (("evaluation",), "clip_weights", "file"))
+
+
+def resolve_paths(config: dict[str, Any], base_dir: Path) -> None:
+    """Make the file settings outside `datasets:` absolute, in place (inputs: resolve_datasets)."""
+    for table_path, key, _ in PATH_SETTINGS:
+        table = _table_at(config, table_path)
+        if table.get(key):
+            table[key] = str(absolute_path(table[key], base_dir))
+    for settings in config["encoders"].values():
+        if settings.get("weights"):
+            settings["weights"] = str(absolute_path(settings["weights"], base_dir))
+
+
+def _table_at(config: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    for key in path:
+        config = config[key]
+    return config
+
+
+def check_files(config: dict[str, Any], specs: dict[str, DatasetSpec]) -> None:
+    """What would fail hours later, checked now: every weights file or folder that a stage will
+    load exists, no encoder that a stage uses is left without weights (unless random weights are
+    allowed), and every mpp_overrides table exists. All problems are named at once, by key."""
+    problems = []
+
+    def need(key: str, value: str | None, kind: str, what: str) -> None:
+        if value is None:
+            return
+        path = Path(value)
+        ok = path.is_file() if kind == "file" else path.is_dir() if kind == "dir" else path.exists()
+        if not ok:
+            expected = {"file": "a file", "dir": "a folder", "path": "a file or folder"}[kind]
+            problems.append(f"{key}: {value} does not exist or is not {expected} ({what})")
+
+    for spec in specs.values():
+        need(f"datasets.{spec.name}.mpp_overrides", spec.mpp_overrides, "file", "the mpp override table")
+    embedded = [spec for spec in specs.values() if spec.encoders]
+    if embedded:
+        evaluation = config["evaluation"]
+        used = {name for spec in embedded for name in spec.encoders}
+        extractor = evaluation["feature_extractor"]
+        if extractor not in ("inception", "clip"):
+            used.add(extractor)
+            if extractor not in config["encoders"]:
+                problems.append(f"evaluation.feature_extractor: {extractor!r} has no entry under `encoders:` saying "
+                                "where its weights are")
+        for name in sorted(used & set(config["encoders"])):
+            settings = config["encoders"][name]
+            if settings["weights"]:
+                need(f"encoders.{name}.weights", settings["weights"], "file", f"{name}'s upstream checkpoint")
+            elif not settings["hub_id"] and not settings["allow_random_weights"]:
+                problems.append(f"encoders.{name}.weights: no weights for {name}; give the local path of its upstream "
+                                "checkpoint (or hub_id, with network access), or allow_random_weights: true for a "
+                                "demo whose embeddings mean nothing")
+        autoencoder = config["latents"]["autoencoder"]
+        if autoencoder["kind"] == "random":
+            if not autoencoder["allow_random_weights"]:
+                problems.append("latents.autoencoder.kind: 'random' gives latents that mean nothing; set "
+                                "latents.autoencoder.allow_random_weights: true for a demo, or give real weights")
+        elif not autoencoder["path"]:
+            problems.append(f"latents.autoencoder.path: kind {autoencoder['kind']!r} needs the path of its weights "
+                            "(lid: a LID release folder; compvis-vq: a CompVis first-stage model.ckpt; kl: a "
+                            "diffusers folder or .safetensors)")
+        need("latents.autoencoder.path", autoencoder["path"], "path", f"the {autoencoder['kind']} autoencoder")
+        need("training.init_from", config["training"]["init_from"], "dir", "the LID release to start from")
+        need("evaluation.inception_weights", evaluation["inception_weights"], "file", "clean-fid's Inception network")
+        need("evaluation.clip_weights", evaluation["clip_weights"], "file", "CLIP ViT-B/32")
+    if problems:
+        raise ConfigError("invalid workflow configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def prepare_config(config: dict[str, Any], base_dir: Path) -> dict[str, DatasetSpec]:
+    """Validate a loaded config in place (defaults filled, relative paths taken from ``base_dir``,
+    the config file's folder), check the files it names, and resolve its datasets."""
+    validate_config(config)
+    resolve_paths(config, base_dir)
+    specs = resolve_datasets(config, base_dir)
+    check_files(config, specs)
+    return specs
+
+
 def load_config(path: str | Path) -> tuple[dict[str, Any], dict[str, DatasetSpec]]:
-    """Read, validate and resolve a config file; input paths are relative to its folder's
-    working directory convention: the current directory, as Snakemake uses."""
+    """Read, validate and resolve a config file; relative paths in it are relative to its folder."""
     path = Path(path)
     try:
         config = yaml.safe_load(path.read_text())
@@ -312,5 +403,8 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], dict[str, DatasetSpec
         raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the configuration must be a mapping")
-    validate_config(config)
-    return config, resolve_datasets(config, Path.cwd())
+    try:
+        specs = prepare_config(config, path.absolute().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config, specs

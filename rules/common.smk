@@ -9,14 +9,22 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the pipeline package lives next to this Snakefile
 
-from pipeline.config import resolve_datasets, schema_path, validate_config
+from pipeline.config import prepare_config, schema_path
 
-validate_config(config)  # first: its message lists every bad key; also fills nested defaults
+# Relative paths in a config are relative to its file's folder (the demo's: this repository).
+CONFIG_DIR = workflow.config_settings.configfiles[-1].parent if workflow.config_settings.configfiles else Path(workflow.basedir)
+DATASETS = prepare_config(config, CONFIG_DIR)  # first: names every bad key; fills defaults; checks files
 validate(config, str(schema_path()))
-DATASETS = resolve_datasets(config, Path.cwd())
 OUT = config["output_dir"]
 # Datasets that list at least one encoder go through the embedding and later stages.
 EMBEDDED_DATASETS = [name for name, spec in DATASETS.items() if spec.encoders]
+
+from pipeline.reporting import random_weight_models
+
+# One line on the console when any model is randomly initialised (every output records it too).
+_random = [f"{name}: {what}" for name in EMBEDDED_DATASETS if (what := random_weight_models(config, DATASETS[name].encoders))]
+if _random:
+    logger.warning(f"RANDOM weights, so the images and metrics only show that the pipeline runs -- {'; '.join(_random)}")
 
 # With --use-conda each rule's env provides python; otherwise use the interpreter running
 # Snakemake, which has the package installed (a bare `python` may be another one).
@@ -37,3 +45,17 @@ def encoder_settings_json(dataset):
     """Weights settings of the encoders one dataset uses, as JSON for the embed command."""
     names = DATASETS[dataset].encoders
     return json.dumps({name: config["encoders"][name] for name in names}, sort_keys=True)
+
+
+def tiled_inputs(dataset):
+    """The dataset's inputs whose tiling kept patches: only they get embedding and later jobs (read
+    from the tiling summary, so the jobs after it are planned once it exists)."""
+    from pipeline.tiling.outputs import inputs_with_patches
+
+    return inputs_with_patches(Path(checkpoints.tile_dataset.get(dataset=dataset).output.status).parent)
+
+
+def training_inputs(dataset):
+    """Tiled inputs that are not held out: their latents train the model."""
+    tiled = set(tiled_inputs(dataset))
+    return [ident for ident in DATASETS[dataset].training_inputs if ident in tiled]

@@ -32,7 +32,7 @@ rule embed_dataset:
         lambda w: expand(
             f"{OUT}/embeddings/{{dataset}}/inputs/{{input_id}}/manifest.parquet",
             dataset=w.dataset,
-            input_id=DATASETS[w.dataset].inputs,
+            input_id=tiled_inputs(w.dataset),
         ),
     output:
         f"{OUT}/embeddings/{{dataset}}/index.parquet",

@@ -28,8 +28,8 @@ rule latents_input:
 
 rule latents:
     input:
-        [
+        lambda w: [
             f"{OUT}/latents/{dataset}/inputs/{input_id}/manifest.parquet"
             for dataset in EMBEDDED_DATASETS
-            for input_id in DATASETS[dataset].training_inputs  # held-out inputs are never trained on
+            for input_id in training_inputs(dataset)  # held-out inputs are never trained on
         ],

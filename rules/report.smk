@@ -3,8 +3,6 @@
 # only build the assets (tables, image sheets, the loss curve) under OUT/report/<dataset>/, through
 # `pipeline report-assets` (pipeline/reporting/assets.py, one module per asset); `snakemake report` builds them all.
 
-from pipeline.reporting import random_weight_models
-
 
 rule report_tiling:
     input:

@@ -1,4 +1,5 @@
-# Stage 1: tiling. One job per slide or GeoTIFF, then one summary per dataset.
+# Stage 1: tiling. One job per slide or GeoTIFF, then one summary per dataset: a checkpoint, because
+# which inputs kept patches (and so get embedding jobs) is known only once it has run.
 
 
 rule tile_input:
@@ -21,7 +22,7 @@ rule tile_input:
         "--out {output:q} > {log:q} 2>&1"
 
 
-rule tile_dataset:
+checkpoint tile_dataset:
     input:
         lambda w: expand(
             f"{OUT}/tiles/{{dataset}}/inputs/{{input_id}}",

@@ -8,7 +8,7 @@ rule train_dataset:
         lambda w: expand(
             f"{OUT}/latents/{{dataset}}/inputs/{{input_id}}/manifest.parquet",
             dataset=w.dataset,
-            input_id=DATASETS[w.dataset].training_inputs,
+            input_id=training_inputs(w.dataset),
         ),
     output:
         f"{OUT}/training/{{dataset}}/done.json",
@@ -29,9 +29,10 @@ rule train_dataset:
         runtime=2880,
         gpu=config["training"]["devices"],
     shell:
-        "OMP_NUM_THREADS={threads} {params.pipeline} train --run {params.run:q} --embedding-key {params.embedding_key:q} "
-        "--holdout-fraction {params.holdout_fraction} --seed {params.seed} --settings {params.settings:q} "
-        "--done {output:q} {input:q} > {log:q} 2>&1"
+        # Progress lines (stdout) reach the console and the log; everything else only the log.
+        ": > {log:q}; OMP_NUM_THREADS={threads} {params.pipeline} train --run {params.run:q} "
+        "--embedding-key {params.embedding_key:q} --holdout-fraction {params.holdout_fraction} --seed {params.seed} "
+        "--settings {params.settings:q} --done {output:q} {input:q} 2>> {log:q} | tee -a {log:q}"
 
 
 rule export_model:

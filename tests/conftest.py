@@ -1,18 +1,46 @@
-"""Shared fixtures: real data from ../shared (next to the repository, as on CI)."""
+"""Shared fixtures: real data from ../shared (next to the repository, as on CI).
+
+Test tiers (markers, registered in pyproject.toml): `workflow` (runs the Snakemake chain),
+`slurm` (the SLURM profile; the cluster test needs Debian's slurm-wlm and munge), `slow` (outside
+the default run: `pytest -m slow`). Select with `-m`, e.g. `pytest -m "not workflow"` while editing.
+
+A test needs ../shared when it asks for the `shared_data` fixture or its module holds a path
+inside ../shared. Where ../shared is missing those tests are skipped with the reason, unless
+RLDIFF_REQUIRE_SHARED is set (CI sets it: there, missing data is an error, not a skip).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from helpers import SHARED_DATA
+from helpers import SHARED, SHARED_DATA
+
+
+def _needs_shared(item: pytest.Item) -> bool:
+    if "shared_data" in getattr(item, "fixturenames", ()):
+        return True
+    module = getattr(item, "module", None)
+    return any(isinstance(value, Path) and value.is_relative_to(SHARED) for value in vars(module).values()) \
+        if module is not None else False
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = [str(path) for path in (SHARED_DATA, SHARED / "fixtures") if not path.is_dir()]
+    if not missing:
+        return
+    if os.environ.get("RLDIFF_REQUIRE_SHARED"):
+        raise pytest.UsageError(f"real test data missing: {', '.join(missing)} (../shared next to the repository)")
+    skip = pytest.mark.skip(reason=f"real test data missing: {', '.join(missing)} (../shared next to the repository)")
+    for item in items:
+        if _needs_shared(item):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"real test data missing: expected {SHARED_DATA} (../shared/data next to the repo)")
     return SHARED_DATA
 
 

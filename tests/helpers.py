@@ -15,7 +15,9 @@ from PIL import Image
 from pipeline.io.shards import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+LID_FIXTURE = SHARED / "fixtures" / "seed_ldm_tiny"
 DEMO_SLIDE = REPO / "demo_data" / "cmu_small_region.svs"
 
 

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import copy
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, pipeline_env
 from pipeline.config import ConfigError, input_id, load_config, resolution_to_mpp, validate_config
 
 DEMO = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
 
 
-def test_demo_config_is_valid_and_resolved(monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_demo_config_is_valid_and_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are the config file's, wherever it runs
     config, specs = load_config(REPO / "workflow_config.yaml")
     spec = specs["demo_he_20x"]
     assert spec.kind == "wsi" and spec.target_mpp == 0.5 and spec.patch_size == 256
-    assert spec.inputs == {"cmu_small_region": "demo_data/cmu_small_region.svs"}
-    assert Path(REPO / spec.inputs["cmu_small_region"]).is_file()
+    assert spec.inputs == {"cmu_small_region": str(REPO / "demo_data/cmu_small_region.svs")}
+    assert Path(spec.inputs["cmu_small_region"]).is_file()
     # defaults filled in from the schema
     assert spec.image_format == "jpg" and spec.bands == (1, 2, 3) and config["seed"] == 0
     assert spec.max_upsample == 1.5 and config["large_image"]["jpeg_quality"] == 95
@@ -109,3 +112,99 @@ def test_dataset_encoder_needs_weights_settings():
     with pytest.raises(ConfigError, match=r"datasets\.demo_he_20x\.encoders: 'hipt_vit_s16' has no entry"):
         from pipeline.config import resolve_datasets
         resolve_datasets(validate_config(config), REPO)
+
+
+# --- what validate-config checks up front -------------------------------------------------------------
+
+
+def user_config(tmp_path: Path, **changes) -> Path:
+    """A config of one's own: a dataset of the real demo slide, real-looking weight files."""
+    (tmp_path / "weights").mkdir(exist_ok=True)
+    (tmp_path / "weights" / "vit256_small_dino.pth").write_bytes(b"not read by validation")
+    config = {"datasets": {"mine": {"kind": "wsi", "inputs": [str(REPO / "demo_data" / "cmu_small_region.svs")],
+                                    "resolution": "20x", "encoders": ["hipt_vit_s16"]}},
+              "encoders": {"hipt_vit_s16": {"weights": "../weights/vit256_small_dino.pth"}},
+              "latents": {"autoencoder": {"kind": "lid", "path": str(LID_FIXTURE)}},
+              "evaluation": {"feature_extractor": "hipt_vit_s16"}}
+    for key, value in changes.items():
+        table = config
+        *path, last = key.split(".")
+        for part in path:
+            table = table.setdefault(part, {})
+        table[last] = value
+    path = tmp_path / "conf" / "mine.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+LID_FIXTURE = REPO.parent / "shared" / "fixtures" / "seed_ldm_tiny"
+
+
+def test_relative_paths_are_the_config_files(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mpp.csv").write_text("slide,mpp\ncmu_small_region.svs,0.5\n")
+    path = user_config(tmp_path, **{"datasets.mine.mpp_overrides": "mpp.csv",
+                                    "encoders.hipt_vit_s16.weights": "../weights/vit256_small_dino.pth"})
+    monkeypatch.chdir(REPO)  # not the config's folder
+    config, specs = load_config(path)
+    assert specs["mine"].mpp_overrides == str(tmp_path / "conf" / "mpp.csv")
+    assert Path(config["encoders"]["hipt_vit_s16"]["weights"]).resolve() == tmp_path / "weights" / "vit256_small_dino.pth"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"encoders.hipt_vit_s16.weights": None},
+     r"encoders\.hipt_vit_s16\.weights: no weights for hipt_vit_s16; .*allow_random_weights: true"),
+    ({"encoders.hipt_vit_s16.weights": "weights/gone.pth"},
+     r"encoders\.hipt_vit_s16\.weights: .*/conf/weights/gone\.pth does not exist"),
+    ({"datasets.mine.mpp_overrides": "mpp.csv"}, r"datasets\.mine\.mpp_overrides: .*/conf/mpp\.csv does not exist"),
+    ({"latents.autoencoder.path": None}, r"latents\.autoencoder\.path: kind 'lid' needs the path"),
+    ({"latents.autoencoder.path": "releases/brca"}, r"latents\.autoencoder\.path: .*/conf/releases/brca does not exist"),
+    ({"latents.autoencoder": {"kind": "random"}}, r"latents\.autoencoder\.kind: 'random' gives latents"),
+    ({"training.init_from": "nothing"}, r"training\.init_from: .*/conf/nothing does not exist or is not a folder"),
+    ({"evaluation.feature_extractor": "uni"}, r"evaluation\.feature_extractor: 'uni' has no entry under `encoders:`"),
+])
+def test_files_a_stage_would_miss_are_named_up_front(tmp_path, changes, message):
+    path = user_config(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "validate-config", str(path)], capture_output=True,
+                            text=True, env=pipeline_env())
+    assert result.returncode == 2 and re.search(message, result.stderr) and "Traceback" not in result.stderr
+
+
+def test_validate_config_lists_every_problem_at_once(tmp_path):
+    path = user_config(tmp_path, **{"encoders.hipt_vit_s16.weights": None, "latents.autoencoder.path": None})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "encoders.hipt_vit_s16.weights" in str(error.value) and "latents.autoencoder.path" in str(error.value)
+
+
+def test_a_valid_config_of_ones_own_and_the_units(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "validate-config", str(user_config(tmp_path))],
+                            capture_output=True, text=True, env=pipeline_env())
+    assert result.returncode == 0, result.stderr
+    assert "mine: wsi, 1 inputs, 0.5 um/px" in result.stdout
+
+
+@pytest.mark.parametrize("key, old, new", [
+    ("latents.autoencoder.kind", "seed", "lid"), ("training.preset", "seed", "lid"),
+    ("large_image.mode", "seed", "lid"), ("large_image.sampler", "seed_ddim", "lid_ddim"),
+])
+def test_old_spellings_still_work_with_a_warning_naming_the_new_one(key, old, new):
+    config = copy.deepcopy(DEMO)
+    table = config
+    *path, last = key.split(".")
+    for part in path:
+        table = table.setdefault(part, {})
+    table[last] = old
+    with pytest.warns(FutureWarning, match=rf"{re.escape(key)}: '{old}' is deprecated .*; write '{new}'"):
+        validate_config(config)
+    assert table[last] == new
+
+
+def test_tile_command_names_an_unknown_dataset(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "tile", str(REPO / "workflow_config.yaml"),
+                             "--dataset", "nosuch"], capture_output=True, text=True, env=pipeline_env(), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no dataset 'nosuch' under `datasets:`; it has demo_he_20x" in result.stderr

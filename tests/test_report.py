@@ -22,13 +22,13 @@ from helpers import REPO, pipeline_env
 from pipeline.errors import StageOutputError
 from pipeline.io.images import read_image
 from pipeline.io.large_image_files import write_png, write_pyramid_tiff
+from pipeline.io.sheets import pair_sheet
 from pipeline.reporting import random_weight_models
 from pipeline.reporting.assets import ReportInputError, build_assets
 from pipeline.reporting.charts import loss_curve
 from pipeline.reporting.large_images import large_image_sheet
 from pipeline.reporting.metrics import metrics_table
 from pipeline.reporting.samples import sample_pairs
-from pipeline.reporting.sheets import pair_sheet
 from pipeline.reporting.summary import summary_page
 from pipeline.reporting.tiling import slides_table, thumbnail_sheet
 from pipeline.tiling.failures import Reason

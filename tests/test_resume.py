@@ -103,7 +103,10 @@ def test_killed_training_continues_from_the_last_checkpoint_with_the_same_losses
     assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     if kill_point.startswith("while_saving"):
         assert list((resumed / "checkpoints").glob(".last.ckpt.tmp-*"))  # killed mid-save indeed
-    run_pipeline(train_args(resumed, latent_manifest))
+    finished = run_pipeline(train_args(resumed, latent_manifest), text=True)
+    # Progress on stdout (the console, under Snakemake), one line per 1/20 of the run: every step here.
+    assert "resumed: training to step 12, continuing at step 4" in finished.stdout
+    assert "resumed: step 12/12 (100 %), loss " in finished.stdout and "steps/s" in finished.stdout
     assert json.loads((resumed / "done.json").read_text())["max_steps"] == 12
     assert not list((resumed / "checkpoints").glob(".*"))  # the half-written checkpoint was removed
     expected = logged_losses(uninterrupted_run, 0)

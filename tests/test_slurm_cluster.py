@@ -25,6 +25,8 @@ from helpers import DEMO_SLIDE, REPO, make_spec
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source
 
+pytestmark = pytest.mark.slurm
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "sinfo")
 START_TIMEOUT_S = 30
 

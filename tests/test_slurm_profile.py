@@ -29,6 +29,8 @@ INPUT_ID = "cmu_small_region"
 SLURM_ENV = {"RLDIFF_SLURM_ACCOUNT": "rldiff_test", "RLDIFF_SLURM_PARTITION": "cpu_part",
              "RLDIFF_SLURM_GPU_PARTITION": "gpu_part", "RLDIFF_SLURM_GPU_MODEL": "h100"}
 
+pytestmark = pytest.mark.slurm
+
 pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[cluster]' for the SLURM plugin")
 
 # One script plays every SLURM command the plugin calls, by the name it was called with.
@@ -72,17 +74,19 @@ def make_upstream(work: Path, dataset: str, stages: list[str]) -> None:
     schedules only that stage's job."""
     out = work / "out"
     now = time.time()
-    paths = {"tiles": out / "tiles" / dataset / "inputs" / INPUT_ID,
-             "embeddings": out / "embeddings" / dataset / "inputs" / INPUT_ID / "manifest.parquet",
-             "latents": out / "latents" / dataset / "inputs" / INPUT_ID / "manifest.parquet"}
+    paths = {"tiles": [out / "tiles" / dataset / "inputs" / INPUT_ID],
+             # the tile_dataset checkpoint: the later stages' jobs are planned from its status table
+             "summary": [out / "tiles" / dataset / "status.tsv", out / "tiles" / dataset / "manifest.parquet"],
+             "embeddings": [out / "embeddings" / dataset / "inputs" / INPUT_ID / "manifest.parquet"],
+             "latents": [out / "latents" / dataset / "inputs" / INPUT_ID / "manifest.parquet"]}
     for age, stage in enumerate(stages):
-        path = paths[stage]
-        if stage == "tiles":
-            path.mkdir(parents=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")
-        os.utime(path, (now + age, now + age))  # after the slide, before the next stage
+        for path in paths[stage]:
+            if stage == "tiles":
+                path.mkdir(parents=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"input_id\tstatus\tpatch_count\n{INPUT_ID}\tdone\t1\n" if path.suffix == ".tsv" else "")
+            os.utime(path, (now + age, now + age))  # after the slide, before the next stage
 
 
 def write_config(work: Path, datasets: list[str], devices: int) -> Path:
@@ -115,7 +119,7 @@ def submitted(tmp_path_factory) -> dict[str, list[str]]:
     config = write_config(work, ["tiled", "embedded", "encoded", "trained"], devices=4)
     make_upstream(work, "embedded", ["tiles"])
     make_upstream(work, "encoded", ["tiles", "embeddings"])
-    make_upstream(work, "trained", ["tiles", "embeddings", "latents"])
+    make_upstream(work, "trained", ["tiles", "summary", "embeddings", "latents"])
     targets = ["out/tiles/tiled/inputs/" + INPUT_ID,
                f"out/embeddings/embedded/inputs/{INPUT_ID}/manifest.parquet",
                f"out/latents/encoded/inputs/{INPUT_ID}/manifest.parquet",
@@ -167,11 +171,11 @@ def test_each_stage_is_submitted_with_its_resources(submitted, rule):
     assert f"--target-jobs '{rule}:" in wrapped and f"--allowed-rules {rule}" in wrapped  # that rule only
 
 
-def dry_run_resources(*args: str) -> dict[str, list[dict[str, str]]]:
+def dry_run_resources(*args: str, cwd: Path = REPO) -> dict[str, list[dict[str, str]]]:
     """Resources of every job of a dry run, by rule (parsed from Snakemake's job listing)."""
     env = {**os.environ, **SLURM_ENV}
     result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                             "--profile", str(PROFILE), "-n", *args], cwd=REPO, env=env,
+                             "--profile", str(PROFILE), "-n", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs: dict[str, list[dict[str, str]]] = {}
@@ -184,10 +188,17 @@ def dry_run_resources(*args: str) -> dict[str, list[dict[str, str]]]:
     return jobs
 
 
-def test_every_gpu_rule_goes_to_the_gpu_partition():
-    """Generic over the workflow, so GPU rules added later must be routed in the profile too."""
+def test_every_gpu_rule_goes_to_the_gpu_partition(tmp_path):
+    """Generic over the workflow, so GPU rules added later must be routed in the profile too. Two dry
+    runs: from nothing (tiling and the per-dataset rules), and after the tiling checkpoint (the
+    per-input embedding and latents jobs it plans)."""
     jobs = dry_run_resources("--forceall")
-    assert {"tile_input", "embed_input", "train_dataset"} <= set(jobs)
+    config = write_config(tmp_path, ["tiled"], devices=1)
+    make_upstream(tmp_path, "tiled", ["tiles", "summary"])
+    for rule, resources in dry_run_resources("--configfile", str(config), "--directory", str(tmp_path),
+                                             cwd=tmp_path).items():
+        jobs.setdefault(rule, []).extend(resources)
+    assert {"tile_input", "embed_input", "latents_input", "train_dataset"} <= set(jobs)
     for rule, resources in jobs.items():
         for job in resources:
             wants_gpu = int(job.get("gpu", 0)) > 0

@@ -61,9 +61,10 @@ def test_embedding_index_names_its_encoders_and_its_file(tmp_path):
 
 def test_training_done_and_log_readers(tmp_path):
     assert read_training_done(tmp_path) is None and len(read_training_log(tmp_path)) == 0
-    write_training_done(tmp_path / "done.json", tmp_path / "last.ckpt", 300)
+    encoder = {"name": "hipt_vit_s16", "weights_sha256": "random", "random_weights": True}
+    write_training_done(tmp_path / "done.json", tmp_path / "last.ckpt", 300, encoder)
     done = read_training_done(tmp_path)
-    assert (done.checkpoint, done.max_steps) == (str(tmp_path / "last.ckpt"), 300)
+    assert (done.checkpoint, done.max_steps, done.encoder) == (str(tmp_path / "last.ckpt"), 300, encoder)
     (tmp_path / "done.json").write_text("{}")
     with pytest.raises(StageOutputError, match=r"done\.json: cannot read the done record"):
         read_training_done(tmp_path)

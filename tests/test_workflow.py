@@ -11,11 +11,14 @@ import xml.etree.ElementTree as ElementTree
 
 import openslide
 import pandas as pd
+import pytest
 import yaml
 
 from helpers import DEMO_SLIDE, REPO, pipeline_env, read_shards
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+
+pytestmark = pytest.mark.workflow
 
 
 def run_snakemake(*args, cwd=REPO):
@@ -27,12 +30,14 @@ def test_lint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dry_run_lists_the_stages():
-    result = run_snakemake("-n", "--cores", "1")
+def test_dry_run_lists_the_stages(tmp_path):
+    result = run_snakemake("-n", "--cores", "1", "--directory", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    for rule in ("tile_input", "tile_dataset", "embed_input", "embed_dataset", "latents_input",
-                 "train_dataset", "export_model", "sample_dataset", "large_image_dataset", "evaluate_dataset",
-                 "report_tiling", "report_dataset", "all"):
+    # embed_input and latents_input jobs exist only for inputs that kept patches: they are planned
+    # once the tile_dataset checkpoint has run.
+    assert "DAG of jobs will be updated after completion" in result.stdout
+    for rule in ("tile_input", "tile_dataset", "embed_dataset", "train_dataset", "export_model", "sample_dataset",
+                 "large_image_dataset", "evaluate_dataset", "report_tiling", "report_dataset", "all"):
         assert rule in result.stdout
     targeted = run_snakemake("-n", "--cores", "1", "tile")
     assert targeted.returncode == 0 and "tile_dataset" in targeted.stdout
@@ -114,6 +119,17 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     record = json.loads((tmp_path / "out/models/demo_he_20x/model_index.json").read_text())
     assert record["provenance"]["training"]["global_step"] == 12 and record["embedding_key"] == "hipt_vit_s16"
     assert record["provenance"]["autoencoder"]["random_weights"] is True
+    assert record["provenance"]["encoder"] == {"name": "hipt_vit_s16", "weights_sha256": "random",
+                                               "random_weights": True}
+    assert record["provenance"]["random_weights"] == ["autoencoder", "conditioning encoder hipt_vit_s16"]
+    sample_record = json.loads((tmp_path / "out/samples/demo_he_20x/sample.json").read_text())
+    assert sample_record["random_parts"] == ["autoencoder", "conditioning encoder hipt_vit_s16"]
+    # the training log: progress lines, each Lightning line once, no advertisement
+    training_log = (tmp_path / "out/logs/train/demo_he_20x.log").read_text()
+    assert "demo_he_20x: step 12/12 (100 %)" in training_log
+    assert training_log.count("GPU available") == 1
+    for noise in ("Tip:", "weights_only", "LeafSpec", "\r"):
+        assert noise not in training_log, noise
     assert model.unet.config.sample_size == 16
     check_plain_diffusers_load(tmp_path / "out/models/demo_he_20x", tmp_path)
 
@@ -189,3 +205,37 @@ def check_plain_diffusers_load(export, tmp_path):
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-4:] == ["RLDiffPipeline", "1x256x256x3", "uint8", "1"]
+
+
+def test_a_config_of_ones_own_replaces_the_demo(tmp_path):
+    """No demo dataset, no random weights, no demo settings: only what the user's config says (and
+    the schema's defaults). Targets go before --configfile, which takes several files."""
+    from test_config import user_config
+
+    config, run = user_config(tmp_path), tmp_path / "run"
+    tiled = run_snakemake("tile", "--cores", "2", "--configfile", str(config), "--directory", str(run))
+    assert tiled.returncode == 0, tiled.stderr[-3000:]
+    assert sorted(p.name for p in (run / "results" / "tiles").iterdir()) == ["mine"]
+    plan = run_snakemake("-n", "-p", "--cores", "2", "--configfile", str(config), "--directory", str(run))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    text = plan.stdout + plan.stderr
+    assert "embed_input" in text and "latents_input" in text and "train_dataset" in text
+    assert "demo_he_20x" not in text and "cmu_small_region" in text
+    for demo_only in ('"allow_random_weights": true', '"kind": "random"', "RANDOM", '"max_steps": 300'):
+        assert demo_only not in text, demo_only
+    assert '"max_steps": 100000' in text  # the schema's default, not the demo's 300
+
+    demo = run_snakemake("-n", "--cores", "1", "--directory", str(tmp_path / "demo"))
+    assert (demo.stdout + demo.stderr).count("RANDOM weights") == 1
+
+
+def test_an_input_without_patches_gets_no_embedding_job(tmp_path):
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    config["datasets"]["demo_he_20x"]["inputs"] = [str(DEMO_SLIDE), str(tmp_path / "gone.svs")]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    args = ("--cores", "2", "--configfile", str(tmp_path / "config.yaml"), "--directory", str(tmp_path))
+    assert run_snakemake("tile", *args).returncode == 0
+    plan = run_snakemake("embed", "-n", "-p", *args)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    jobs = re.findall(r"embed-input --tiles \S*?/inputs/([\w-]+)", plan.stdout)
+    assert jobs == ["cmu_small_region"]  # not `gone`, which tiling recorded as not_found

@@ -54,6 +54,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
+DOCUMENTATION_FIELDS = ("description", "weights_file")  # not part of an encoder's spec hash
 POOLING = {"cls": "token", "avg": "avg"}          # spec pooling -> timm global_pool
 INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -100,7 +101,10 @@ class EncoderSpec:
 
     @property
     def spec_hash(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        """What makes the numbers: every field but the documentation ones, so that rewording a
+        description does not change the recorded identity of existing embeddings."""
+        numbers = {k: v for k, v in dataclasses.asdict(self).items() if k not in DOCUMENTATION_FIELDS}
+        return hashlib.sha256(json.dumps(numbers, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def __hash__(self) -> int:  # the dict field makes the generated hash unusable
         return hash(self.to_json())
@@ -156,7 +160,7 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         model_kwargs={"img_size": 256, "dynamic_img_size": True},
         input_size=256, interpolation="bilinear", mean=HALF, std=HALF, pooling="cls", output_dim=384,
         checkpoint_layout="dino_teacher", weights_file="vit256_small_dino.pth",
-        description="HIPT ViT-S/16 (vit256, DINO on TCGA 256 px patches at 20x); seed BRCA 20x conditioning",
+        description="HIPT ViT-S/16 (vit256, DINO on TCGA 256 px patches at 20x); LID's BRCA 20x conditioning",
     ),
     EncoderSpec(
         name="phikon",
@@ -165,7 +169,7 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         input_size=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="cls",
         output_dim=768, checkpoint_layout="hf_vit", hub_id="owkin/phikon", hub_filename="pytorch_model.bin",
         weights_file="pytorch_model.bin or model.safetensors (HF ViTModel)",
-        description="Phikon (owkin, iBOT ViT-B/16 on TCGA); seed CRC 20x conditioning",
+        description="Phikon (owkin, iBOT ViT-B/16 on TCGA); LID's CRC 20x conditioning",
     ),
     EncoderSpec(
         name="ctranspath",
@@ -174,7 +178,7 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         input_size=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="avg",
         output_dim=768, checkpoint_layout="timm054_swin_convstem", patch_embed="conv_stem",
         weights_file="ctranspath.pth",
-        description="CTransPath (Swin-T + ConvStem, SRCL on TCGA/PAIP); seed BRCA 5x conditioning; "
+        description="CTransPath (Swin-T + ConvStem, SRCL on TCGA/PAIP); LID's BRCA 5x conditioning; "
                     "256 px fails the 7x7 windows, so patches are resized to 224",
     ),
     EncoderSpec(
@@ -183,7 +187,7 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         model_kwargs={"img_size": 224},
         input_size=224, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="cls",
         output_dim=768, checkpoint_layout="timm", weights_file="dino_vitbase16_pretrain.pth",
-        description="DINO ViT-B/16 (ImageNet self-supervised); seed NAIP conditioning",
+        description="DINO ViT-B/16 (ImageNet self-supervised); LID's NAIP conditioning",
     ),
     EncoderSpec(
         name="uni",

@@ -3,7 +3,9 @@ report that use embeddings (docs/data_contract.md, "Stage 2").
 
 ``OUT/embeddings/<dataset>/index.parquet`` has one row per patch (key, input id, grid col/row,
 shard relative to ``inputs/``, the encoders' spec and weights hashes); the shards under
-``inputs/<input id>/`` hold each patch's image next to its embeddings.
+``inputs/<input id>/`` hold each patch's image next to its embeddings. The per-input manifests
+(and the latents stage's, which copy them) record which weights made each encoder's embeddings:
+`recorded_encoder`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,6 +69,21 @@ def read_embedding_index(embeddings_dir: str | Path) -> EmbeddingIndex:
     encoders = tuple(c.removesuffix(WEIGHTS_HASH) for c in hashes)
     random = tuple(name for name, c in zip(encoders, hashes) if (rows[c].astype(str) == "random").any())
     return EmbeddingIndex(folder, rows, encoders, random)
+
+
+def recorded_encoder(manifests: Sequence[str | Path], name: str) -> dict[str, Any]:
+    """Which weights made the `name` embeddings of manifests this stage wrote (or a later stage
+    copied): its name, weights hash (``"random"`` for random weights) and whether they are random."""
+    column = f"{name}{WEIGHTS_HASH}"
+    hashes: set[str] = set()
+    for path in map(Path, manifests):
+        frame = read_parquet_file(path)
+        hashes |= set(frame[column].astype(str)) if column in frame else set()
+    if len(hashes) > 1:
+        raise StageOutputError(f"the {name} embeddings were made with {len(hashes)} different weights: "
+                               f"{sorted(hashes)}")
+    weights = min(hashes) if hashes else None
+    return {"name": name, "weights_sha256": weights, "random_weights": weights == "random"}
 
 
 @dataclass(frozen=True, eq=False)

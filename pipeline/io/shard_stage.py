@@ -54,7 +54,9 @@ def process_shards(in_dir: str | Path, out_dir: str | Path,
     todo = [s for s in shards if not (out_dir / s.name).exists()]
     todo_count = int(manifest.shard.isin([s.name for s in todo]).sum()) if len(manifest) else 0
     started = time.perf_counter()
-    with tqdm(total=todo_count, unit="patch", desc=out_dir.name, disable=todo_count == 0,
+    # A bar only on a terminal (disable=None): in a job's log its redrawn line is noise; the
+    # summary line below says what was done.
+    with tqdm(total=todo_count, unit="patch", desc=out_dir.name, disable=None if todo_count else True,
               mininterval=2.0) as progress:
         for shard in todo:
             process_shard(shard, out_dir / shard.name, progress)

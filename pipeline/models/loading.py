@@ -17,8 +17,7 @@ def load_pipeline(folder: str | Path) -> RLDiffPipeline:
     without gradients. Never downloads."""
     folder = Path(folder)
     if (folder / PIPELINE_INDEX).is_file():
-        # low_cpu_mem_usage needs `accelerate`; say so instead of letting diffusers warn on every load.
-        pipe = RLDiffPipeline.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+        pipe = _from_pretrained_quietly(folder)
     elif any(folder.glob(CONFIG_GLOB)):
         pipe = load_lid_release(folder)
     elif not folder.is_dir():
@@ -34,3 +33,17 @@ def load_pipeline(folder: str | Path) -> RLDiffPipeline:
         part.eval().requires_grad_(False)
     pipe.source = str(folder)
     return pipe
+
+
+def _from_pretrained_quietly(folder: Path) -> RLDiffPipeline:
+    """`from_pretrained` without its per-component progress bar (a redrawn line in job logs) and,
+    by saying low_cpu_mem_usage=False, without its advice to install `accelerate` on every load."""
+    from diffusers.utils import logging as diffusers_logging
+
+    shown = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        return RLDiffPipeline.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+    finally:
+        if shown:
+            diffusers_logging.enable_progress_bar()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from pipeline.io.atomic import atomic_file
 from pipeline.training.outputs import LOG_GLOB, TrainingLog, read_training_done, read_training_log
@@ -34,6 +39,10 @@ def _draw_loss(figure, log: TrainingLog, max_steps: int | None) -> None:
         top.plot(x, smooth, color=LOSS_COLOR, lw=2, gid="loss-moving-average")
     if use_log:
         top.set_yscale("log")
+        # 0.02, not 2 x 10^-2; of the minor ticks only 2 x and 5 x a power of ten, so labels never crowd
+        top.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+        top.yaxis.set_minor_formatter(FuncFormatter(
+            lambda value, _: f"{value:.3g}" if round(value / 10 ** math.floor(math.log10(value))) in (2, 5) else ""))
     for number, step in enumerate(log.restarts):
         top.axvline(step, color=RESTART_COLOR, ls="--", lw=1, gid=f"restart-{number}")
     axes = [top]
@@ -57,10 +66,6 @@ def loss_curve(training_dir: str | Path, out: str | Path, dataset: str) -> Train
     """SVG of the training loss (top; log scale when it spans more than a factor of 20, with a
     moving average when there are many points) and the learning rate (bottom) against the
     optimiser step. Dashed lines mark where a restarted run continued."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     log = read_training_log(training_dir)
     done = read_training_done(training_dir)
     with matplotlib.rc_context(SVG_STYLE):

@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 
 from pipeline.io.images import read_image
 from pipeline.reporting.notices import RANDOM_AUTOENCODER
-from pipeline.reporting.sheets import BLUE, GREY, Caption, font, random_lines, stack, title_bar, write_jpeg
+from pipeline.io.sheets import BLUE, font, write_jpeg
+from pipeline.reporting.sheets import GREY, Caption, random_lines, stack, title_bar
 from pipeline.sampling.outputs import GeneratedRegion, read_large_images
 
 

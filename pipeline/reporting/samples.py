@@ -9,7 +9,8 @@ import numpy as np
 
 from pipeline.io.images import read_image
 from pipeline.reporting.notices import RANDOM_AUTOENCODER
-from pipeline.reporting.sheets import GREY, Caption, pair_sheet, random_lines, stack, title_bar, write_jpeg
+from pipeline.io.sheets import pair_sheet, write_jpeg
+from pipeline.reporting.sheets import GREY, Caption, random_lines, stack, title_bar
 from pipeline.sampling.outputs import read_samples
 
 

@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 
 from pipeline.io.atomic import write_text_atomic
 from pipeline.reporting.pages import html_page, table_html
-from pipeline.reporting.sheets import GREY, RED, Caption, fit, font, placeholder, stack, title_bar, write_jpeg
+from pipeline.io.sheets import fit, font, write_jpeg
+from pipeline.reporting.sheets import GREY, RED, Caption, placeholder, stack, title_bar
 from pipeline.tiling.outputs import InputStatus, read_tiling_status
 
 TABLE_COLUMNS = ["input", "file", "status", "reason", "patches", "size (px)", "source px size", "pixel size from",

@@ -28,8 +28,8 @@ from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_dir, atomic_file, remove_path, write_text_atomic
 from pipeline.io.device import resolve_device
 from pipeline.io.large_image_files import StreamedRows, release_mapped_pages, write_png, write_pyramid_tiff
+from pipeline.io.sheets import pair_sheet, write_jpeg
 from pipeline.models import RLDiffPipeline, load_pipeline
-from pipeline.reporting.sheets import pair_sheet, write_jpeg
 from pipeline.sampling.config import LargeImageConfig, LargeImageSettings
 from pipeline.sampling.large_image import LargeImageSampler, decoded_bands, large_image_seam_score
 from pipeline.sampling.outputs import (CONDITIONS, GENERATED_DIR, GRID, IMAGE_COLUMNS, LARGE_IMAGES_SUMMARY, MANIFEST,
@@ -87,7 +87,7 @@ def sample_patches(model_dir: str | Path, embeddings_dir: str | Path, out_dir: s
         write_jpeg(pair_sheet(grid_pairs_shown, side=ordered[0].image.shape[0]), temp / GRID, quality=92)
         summary = {
             "dataset": dataset, "mpp": mpp, "model": str(model_dir), "embedding_key": key,
-            "random_weights": model.random_weights, "samples": len(manifest),
+            "random_weights": model.random_weights, "random_parts": model.random_parts, "samples": len(manifest),
             "held_out": {"inputs": list(holdout_inputs), "fraction": holdout_fraction},
             "sampler": asdict(config), "unet_evaluations": evaluations,
             "seconds": round(time.perf_counter() - started, 3), "device": str(device),
@@ -180,7 +180,8 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
                           "row": region.row, "k": region.k, "held_out": region.held_out, "mpp": mpp,
                           "dataset": dataset, "mode": mode, "sampler": config.sampler, "steps": config.steps,
                           "stride": config.stride, "guidance_scale": config.guidance_scale, "seed": config.seed,
-                          "random_weights": model.random_weights, "settings_sha": digest, "embedding_key": key,
+                          "random_weights": model.random_weights, "random_parts": model.random_parts,
+                          "settings_sha": digest, "embedding_key": key,
                           "keys": [list(row) for row in region.keys], "config": asdict(config), **files}
                 (temp / REGION_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         records.append(record)

@@ -227,3 +227,8 @@ def read_tiling_status(dataset_dir: str | Path) -> list[InputStatus]:
         raise StageOutputError(f"{path}: cannot read: {exc}") from exc
     check_columns(table, STATUS_TABLE_COLUMNS, path)
     return [_input_status(row, dataset_dir, path) for _, row in table.iterrows()]
+
+
+def inputs_with_patches(dataset_dir: str | Path) -> list[str]:
+    """Input ids of a tiled dataset whose tiling kept at least one patch."""
+    return [status.input_id for status in read_tiling_status(dataset_dir) if status.done and status.patch_count > 0]

@@ -89,22 +89,22 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise PipelineError(f"unknown model preset {self.preset!r}; known: {list(PRESETS)}")
+            raise ValueError(f"unknown model preset {self.preset!r}; known: {list(PRESETS)}")
         if self.augment not in ("stored", "latent", "none"):
-            raise PipelineError(f"augment must be stored, latent or none, got {self.augment!r}")
+            raise ValueError(f"augment must be stored, latent or none, got {self.augment!r}")
         if not 0.0 <= self.cfg_dropout < 1.0:
-            raise PipelineError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
         if self.num_workers not in (0, 1):
-            raise PipelineError("num_workers must be 0 or 1: one ordered stream per rank keeps resuming exact; "
+            raise ValueError("num_workers must be 0 or 1: one ordered stream per rank keeps resuming exact; "
                              "loading precomputed latents needs no more")
         for name in ("batch_size", "max_steps", "accumulate_grad_batches", "checkpoint_every", "devices",
                      "num_nodes", "shards_per_block", "log_every"):
             if getattr(self, name) < 1:
-                raise PipelineError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.holdout_fraction < 1.0:
-            raise PipelineError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
-            raise PipelineError("learning_rate must be > 0 and warmup_steps >= 0")
+            raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
 
     def specs(self) -> tuple[UNetSpec, ConditionSpec]:
         return model_specs(self.preset, self.patch_embed_dim, self.latent_channels, self.latent_size)

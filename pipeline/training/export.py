@@ -10,6 +10,7 @@ latents were made with), ``condition/`` and ``scheduler/`` (the training schedul
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from diffusers import DDPMScheduler
 
@@ -19,8 +20,13 @@ from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.diffusion_pipeline import PIPELINE_FORMAT, RLDiffPipeline
 
 
-def export_module(module, folder: str | Path, autoencoder: Autoencoder, use_ema: bool = True) -> Path:
-    """Export a trained :class:`~pipeline.training.module.LatentDiffusion` (EMA weights if it has them)."""
+def export_module(module, folder: str | Path, autoencoder: Autoencoder, use_ema: bool = True,
+                  encoder: dict[str, Any] | None = None) -> Path:
+    """Export a trained :class:`~pipeline.training.module.LatentDiffusion` (EMA weights if it has them).
+
+    encoder: the record of the encoder whose embeddings it was trained on (name, weights_sha256,
+    random_weights: pipeline.embedding.outputs.recorded_encoder), when known.
+    """
     unet, condition = module.export_models(use_ema)
     config = module.config
     if autoencoder.latent_channels != config.latent_channels:
@@ -32,7 +38,9 @@ def export_module(module, folder: str | Path, autoencoder: Autoencoder, use_ema:
         "training": {"global_step": int(module.global_step if step is None else step),
                      "ema": bool(use_ema and module.ema is not None), "train_config": config.to_dict()},
         "autoencoder": autoencoder.record(),
-        "random_weights": ["autoencoder"] if autoencoder.random_weights else [],
+        "encoder": encoder,
+        "random_weights": (["autoencoder"] if autoencoder.random_weights else [])
+        + ([f"conditioning encoder {encoder['name']}"] if encoder and encoder.get("random_weights") else []),
     }
     pipe = RLDiffPipeline(unet=unet, vae=autoencoder.model, condition=condition,
                           scheduler=DDPMScheduler.from_config(config.scheduler_config()),
@@ -44,9 +52,9 @@ def export_module(module, folder: str | Path, autoencoder: Autoencoder, use_ema:
 
 
 def export_checkpoint(checkpoint: str | Path, folder: str | Path, autoencoder: Autoencoder,
-                      use_ema: bool = True) -> Path:
+                      use_ema: bool = True, encoder: dict[str, Any] | None = None) -> Path:
     """Export from a training checkpoint (``last.ckpt`` or ``step-NNNNNN.ckpt``)."""
     from pipeline.training.run import module_from_checkpoint
 
     module = module_from_checkpoint(checkpoint)
-    return export_module(module, folder, autoencoder, use_ema)
+    return export_module(module, folder, autoencoder, use_ema, encoder)

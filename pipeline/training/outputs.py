@@ -9,6 +9,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,10 +27,12 @@ DONE_FILE = "done.json"
 class TrainingDone:
     checkpoint: str                  # the final last.ckpt
     max_steps: int
+    encoder: dict[str, Any] | None   # the conditioning encoder's record (name, weights_sha256, random_weights)
 
 
-def write_training_done(out: str | Path, checkpoint: str | Path, max_steps: int) -> None:
-    write_text_atomic(out, json.dumps({"checkpoint": str(checkpoint), "max_steps": max_steps}))
+def write_training_done(out: str | Path, checkpoint: str | Path, max_steps: int,
+                        encoder: dict[str, Any] | None) -> None:
+    write_text_atomic(out, json.dumps({"checkpoint": str(checkpoint), "max_steps": max_steps, "encoder": encoder}))
 
 
 def read_training_done(run_dir: str | Path) -> TrainingDone | None:
@@ -39,7 +42,7 @@ def read_training_done(run_dir: str | Path) -> TrainingDone | None:
         return None
     record = read_json_file(path)
     try:
-        return TrainingDone(str(record["checkpoint"]), int(record["max_steps"]))
+        return TrainingDone(str(record["checkpoint"]), int(record["max_steps"]), record.get("encoder"))
     except (ValueError, KeyError, TypeError) as exc:
         raise StageOutputError(f"{path}: cannot read the done record: {exc!r}") from exc
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,6 +51,23 @@ log = logging.getLogger(__name__)
 
 # The EMA copies are deliberately in eval mode; Lightning warns about every such module.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+# Raised inside Lightning's own loops about torch's pytree API: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _DropAdvertisements(logging.Filter):
+    """Lightning's hints to install its hosted loggers and model registry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "\N{ELECTRIC LIGHT BULB} Tip:" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+# Lightning adds a handler of its own and propagates too, so every line came twice: one handler.
+if logging.getLogger().handlers:
+    logging.getLogger("lightning").handlers.clear()
+# We choose the launch environment ourselves (pipeline.training.environment; logged above each run).
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 CHECKPOINT_DIR = "checkpoints"
 # Settings that may differ when a run is continued; any other change needs a new run folder.
@@ -118,6 +137,50 @@ class LossHistory(Callback):
         self.losses.append(float(outputs["loss"].detach()))
 
 
+class ProgressLines(Callback):
+    """One line per ``every`` optimizer steps (and at the end): step, mean loss since the last line,
+    speed and time left. Written to ``stream`` (stdout: the Snakemake console shows it while the
+    rule's log keeps everything else)."""
+
+    def __init__(self, label: str, total_steps: int, every: int, stream: Any = None) -> None:
+        self.label, self.total, self.every = label, total_steps, max(1, every)
+        self.stream = stream
+        self.losses: list[float] = []
+        self.started: float | None = None
+        self.first_step = self.reported = 0
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started, self.first_step = time.perf_counter(), int(trainer.global_step)
+        resumed = f", continuing at step {self.first_step}" if self.first_step else ""
+        if trainer.is_global_zero:
+            self._print(f"{self.label}: training to step {self.total}{resumed}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"].detach()))
+        step = int(trainer.global_step)
+        due = step % self.every == 0 or step >= self.total
+        if not trainer.is_global_zero or not due or step == self.reported:  # (accumulation: one step, many batches)
+            return
+        self.reported = step
+        elapsed = time.perf_counter() - self.started
+        rate = (step - self.first_step) / max(elapsed, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else float("nan")
+        self._print(f"{self.label}: step {step}/{self.total} ({100 * step / self.total:.0f} %), loss "
+                    f"{sum(self.losses) / len(self.losses):.4g}, {rate:.2f} steps/s, {_duration(left)} left")
+        self.losses.clear()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "?"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written under a temporary name in their own folder, then renamed, so a job killed
     while saving keeps the previous complete ``last.ckpt``. (Lightning's own writer moves a file
@@ -165,6 +228,8 @@ def build_trainer(config: TrainConfig, run_dir: str | Path, callbacks: Sequence[
         "limit_val_batches": 0,
         "num_sanity_val_steps": 0,
         "enable_model_summary": False,
+        # tqdm's redrawn line fills a log file with carriage returns; ProgressLines reports instead.
+        "enable_progress_bar": False,
     }
     settings.update(overrides)
     return L.Trainer(**settings)
@@ -234,7 +299,7 @@ def train(config: TrainConfig, shard_paths: Sequence[str | Path], run_dir: str |
     trainer = build_trainer(config, run_dir, callbacks, env, **trainer_overrides)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)
     # The periodic checkpoint may not fall on the last step: make last.ckpt the final state.
-    trainer.save_checkpoint(run_dir / CHECKPOINT_DIR / LAST)
+    trainer.save_checkpoint(run_dir / CHECKPOINT_DIR / LAST, weights_only=False)
     return trainer, module
 
 
