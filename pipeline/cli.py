@@ -56,7 +56,7 @@ def _embed_input(args: argparse.Namespace) -> int:
 
 
 def _embed_index(args: argparse.Namespace) -> int:
-    from pipeline.embedding.extract import write_dataset_index
+    from pipeline.embedding.outputs import write_dataset_index
 
     index = write_dataset_index([Path(p).parent for p in args.inputs], args.out)
     print(f"{args.out}: {len(index)} patches")
@@ -83,12 +83,8 @@ def training_config(table: dict, embedding_key: str, holdout_fraction: float = 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    import json
-
-    import pandas as pd
-
-    from pipeline.embedding.extract import recorded_encoder
-    from pipeline.io.atomic import write_text_atomic
+    from pipeline.embedding.outputs import recorded_encoder
+    from pipeline.training.outputs import write_training_done
     from pipeline.training.run import last_checkpoint, train
 
     from pipeline.training.run import ProgressLines
@@ -98,27 +94,25 @@ def _train(args: argparse.Namespace) -> int:
     train(config, [Path(p).parent for p in args.latents], args.run,
           callbacks=[ProgressLines(Path(args.run).name, config.max_steps, every)])
     checkpoint = last_checkpoint(args.run)
-    if args.done:  # what export-model records about the model's conditions
-        encoder = recorded_encoder(pd.concat([pd.read_parquet(p) for p in args.latents]), config.embedding_key)
-        write_text_atomic(args.done, json.dumps({"checkpoint": str(checkpoint), "max_steps": config.max_steps,
-                                                 "encoder": encoder}))
+    if args.done:  # with what export-model records about the model's conditions
+        write_training_done(args.done, checkpoint, config.max_steps,
+                            recorded_encoder(args.latents, config.embedding_key))
     print(f"{args.run}: trained to step {config.max_steps}; {checkpoint}")
     return 0
 
 
 def _export_model(args: argparse.Namespace) -> int:
-    import json
-
     from pipeline.models.autoencoder import AutoencoderSettings
     from pipeline.training.export import export_checkpoint
+    from pipeline.training.outputs import read_training_done
     from pipeline.training.run import last_checkpoint
 
     checkpoint = last_checkpoint(args.run)
     if checkpoint is None:
         raise PipelineError(f"{args.run}: no checkpoint to export")
     autoencoder = settings_from_table(AutoencoderSettings, _table(args.autoencoder), "latents.autoencoder")
-    done = Path(args.run) / "done.json"
-    encoder = json.loads(done.read_text()).get("encoder") if done.is_file() else None
+    done = read_training_done(args.run)
+    encoder = done.encoder if done else None
     export_checkpoint(checkpoint, args.out, autoencoder.load(), use_ema=not args.no_ema, encoder=encoder)
     print(f"{args.out}: exported {checkpoint}")
     return 0

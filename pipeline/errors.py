@@ -11,3 +11,8 @@ from __future__ import annotations
 
 class PipelineError(ValueError):
     """Bad input, configuration or file; the message names it and says why."""
+
+
+class StageOutputError(PipelineError):
+    """A stage's output that is missing or malformed where a later stage (or the report) reads it;
+    the message names the file and what is wrong with it."""

@@ -59,7 +59,7 @@ def tiled_inputs(dataset):
     from the tiling summary, so the jobs after it are planned once it exists)."""
     from pipeline.tiling.outputs import inputs_with_patches
 
-    return inputs_with_patches(checkpoints.tile_dataset.get(dataset=dataset).output.status)
+    return inputs_with_patches(Path(checkpoints.tile_dataset.get(dataset=dataset).output.status).parent)
 
 
 def training_inputs(dataset):

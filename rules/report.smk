@@ -1,7 +1,7 @@
 # Stage 8: the report. `snakemake --report report.html` gathers the outputs marked with report()
 # below into one self-contained HTML file, each with its caption from report/*.rst. These rules
 # only build the assets (tables, image sheets, the loss curve) under OUT/report/<dataset>/, through
-# `pipeline report-assets` (pipeline/reporting/assets.py); `snakemake report` builds them all.
+# `pipeline report-assets` (pipeline/reporting/assets.py, one module per asset); `snakemake report` builds them all.
 
 
 rule report_tiling:

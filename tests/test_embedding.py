@@ -11,7 +11,8 @@ import torch
 
 from helpers import DEMO_SLIDE, decode, make_spec, read_shards, run_pipeline, run_pipeline_killed
 from pipeline.embedding.encoders import build_encoder
-from pipeline.embedding.extract import EmbeddingSettings, embed_input, write_dataset_index
+from pipeline.embedding.extract import EmbeddingSettings, embed_input
+from pipeline.embedding.outputs import write_dataset_index
 from pipeline.io.shards import decode_npy
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source

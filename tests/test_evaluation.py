@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter
 from pipeline import cli
 from pipeline.embedding.extract import EmbeddingSettings, embed_images
 from pipeline.config import ConfigError
+from pipeline.errors import StageOutputError
 from pipeline.evaluation import EvaluationError, EvaluationSettings, InceptionWeightsMissing, evaluate
 from pipeline.evaluation import run as evaluation_run
 from pipeline.evaluation.distances import features_frechet_distance, gaussian_stats, kernel_distance
@@ -319,7 +320,7 @@ def test_bad_inputs_are_reported_with_the_file_and_reason(evaluated, tmp_path):
     settings = EvaluationSettings(**SETTINGS)
     samples = shutil.copytree(evaluated["samples"], tmp_path / "samples")
     np.save(samples / "conditions.npy", np.zeros((3, 384), np.float32))
-    with pytest.raises(EvaluationError, match=r"conditions\.npy: shape \(3, 384\), expected \[8, D\]"):
+    with pytest.raises(StageOutputError, match=r"conditions\.npy: shape \(3, 384\), expected \[8, D\]"):
         evaluate(tmp_path / "m.json", settings, ENCODERS, samples=samples)
 
     np.save(samples / "conditions.npy", np.zeros((8, 100), np.float32))
@@ -330,7 +331,7 @@ def test_bad_inputs_are_reported_with_the_file_and_reason(evaluated, tmp_path):
     samples = shutil.copytree(evaluated["samples"], tmp_path / "samples")
     missing = next((samples / "generated").iterdir())
     missing.unlink()
-    with pytest.raises(EvaluationError, match=f"do not exist, e.g. {missing}"):
+    with pytest.raises(StageOutputError, match=f"do not exist, e.g. {missing}"):
         evaluate(tmp_path / "m.json", settings, ENCODERS, samples=samples)
 
     large = shutil.copytree(evaluated["large"], tmp_path / "large")

@@ -1,8 +1,12 @@
-"""Report assets (pipeline/reporting/) on small stage outputs made here, and the captions they go with."""
+"""Report assets (pipeline/reporting/) on small stage outputs made here, and the captions they go with.
+
+The stage outputs are made as the stages write them (docs/data_contract.md), because the assets
+read them with the stages' own readers."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -15,11 +19,20 @@ import yaml
 from PIL import Image
 
 from helpers import REPO, pipeline_env
+from pipeline.errors import StageOutputError
+from pipeline.io.images import read_image
 from pipeline.io.large_image_files import write_png, write_pyramid_tiff
+from pipeline.io.sheets import pair_sheet
 from pipeline.reporting import random_weight_models
-from pipeline.reporting.assets import (ReportInputError, build_assets, large_image_sheet, loss_curve, metrics_table,
-                                       read_image, read_training_log, sample_pairs, slides_table, summary_page,
-                                       thumbnail_sheet)
+from pipeline.reporting.assets import ReportInputError, build_assets
+from pipeline.reporting.charts import loss_curve
+from pipeline.reporting.large_images import large_image_sheet
+from pipeline.reporting.metrics import metrics_table
+from pipeline.reporting.samples import sample_pairs
+from pipeline.reporting.summary import summary_page
+from pipeline.reporting.tiling import slides_table, thumbnail_sheet
+from pipeline.tiling.failures import Reason
+from pipeline.training.outputs import read_training_log
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +80,7 @@ def make_samples(folder: Path, patches: list[np.ndarray], random_weights: bool) 
         Image.fromarray(patch[::-1]).save(samples / "generated" / f"{key}.png")
         rows.append({"sample_id": key, "key": key, "real": f"real/{key}.png", "generated": f"generated/{key}.png"})
     pd.DataFrame(rows).to_parquet(samples / "manifest.parquet")
+    np.save(samples / "conditions.npy", np.zeros((len(rows), 384), np.float32))
     (samples / "sample.json").write_text(json.dumps({
         "dataset": "d", "mpp": 0.5, "embedding_key": "hipt_vit_s16", "random_weights": random_weights,
         "samples": len(rows), "sampler": {"sampler": "plms", "steps": 50, "guidance_scale": 2.0}}))
@@ -81,6 +95,7 @@ def make_large_images(folder: Path, patches: list[np.ndarray]) -> Path:
     for number, kind in enumerate(("png", "tif")):
         region = large / f"region-{number:03d}"
         region.mkdir(parents=True)
+        np.save(region / "embeddings.npy", np.zeros((2, 2, 384), np.float32))
         if kind == "png":
             write_png(region / "reference.png", image)
             write_png(region / "generated.png", image[:, ::-1])
@@ -140,30 +155,58 @@ def test_thumbnail_sheet_shows_every_input(tmp_path, patches):
 
 
 def test_thumbnail_placeholder_says_why_there_is_none(tmp_path, patches, monkeypatch):
-    from pipeline.reporting import assets
+    from pipeline.reporting import tiling
 
     texts = []
-    drawn = assets.placeholder
-    monkeypatch.setattr(assets, "placeholder", lambda size, text: texts.append(text) or drawn(size, text))
+    drawn = tiling.placeholder
+    monkeypatch.setattr(tiling, "placeholder", lambda size, text: texts.append(text) or drawn(size, text))
     tiles = make_tiles(tmp_path, patches[0])
     thumbnail_sheet(tiles, tmp_path / "thumbs.jpg", "d", cell=200)
     assert texts == ["no thumbnail: not_found"]  # not "could not be read": the file does not exist
 
 
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def svg_groups(path: Path) -> dict[str, ElementTree.Element]:
+    """matplotlib's SVG groups by the gid of the artist drawn in each."""
+    return {g.get("id"): g for g in ElementTree.parse(path).getroot().iter(f"{SVG}g")}
+
+
+def vertices(group: ElementTree.Element) -> int:
+    """Vertices of the line a group draws (its first path: M x y L x y ...)."""
+    return len(re.findall(r"[ML]\s*-?[\d.]+\s+-?[\d.]+", group.find(f"{SVG}path").get("d")))
+
+
 def test_training_log_merges_restarts_and_the_svg_marks_them(tmp_path):
     run = make_training(tmp_path)
     log = read_training_log(run)
-    assert list(log.step) == [9, 19, 29, 39, 49, 59, 69, 79]
-    assert log.set_index("step").loc[29, "version"] == 1  # logged again after the restart: the later value
+    assert list(log.steps) == [9, 19, 29, 39, 49, 59, 69, 79]
+    assert log.versions[list(log.steps).index(29)] == 1  # logged again after the restart: the later value
+    assert log.restarts == [29]
     loss_curve(run, tmp_path / "loss.svg", "d")
-    svg = ElementTree.parse(tmp_path / "loss.svg").getroot()
-    namespace = "{http://www.w3.org/2000/svg}"
-    lines = svg.findall(f"{namespace}polyline")
-    assert len(lines) == 2  # loss and learning rate
-    assert len(lines[0].get("points").split()) == 8
-    dashed = [e for e in svg.findall(f"{namespace}line") if e.get("stroke-dasharray")]
-    assert len(dashed) == 1  # the one restart
-    assert "1 restart(s)" in (tmp_path / "loss.svg").read_text()
+    groups = svg_groups(tmp_path / "loss.svg")
+    assert vertices(groups["loss"]) == 8 and vertices(groups["learning-rate"]) == 8  # the two panels' lines
+    assert "loss-moving-average" not in groups  # too few points to smooth
+    restarts = [name for name in groups if name and name.startswith("restart-")]
+    assert restarts == ["restart-0"]  # the one restart, dashed
+    assert "stroke-dasharray" in groups["restart-0"].find(f"{SVG}path").get("style")
+    text = (tmp_path / "loss.svg").read_text()
+    assert "1 restart(s)" in text and "(log scale)" not in text  # 1/10 .. 1/80 spans less than 20x
+    loss_curve(run, tmp_path / "again.svg", "d")
+    assert (tmp_path / "again.svg").read_bytes() == (tmp_path / "loss.svg").read_bytes()  # no date, fixed ids
+
+
+def test_loss_curve_uses_a_log_scale_and_a_moving_average_for_long_runs(tmp_path):
+    run = tmp_path / "training"
+    (run / "logs" / "version_0").mkdir(parents=True)
+    steps = np.arange(9, 2000, 10)
+    pd.DataFrame({"epoch": 0, "step": steps, "train/loss": 10.0 / (steps + 1), "train/lr": 1e-3}).to_csv(
+        run / "logs" / "version_0" / "metrics.csv", index=False)
+    loss_curve(run, tmp_path / "loss.svg", "d")
+    groups = svg_groups(tmp_path / "loss.svg")
+    assert vertices(groups["loss"]) == vertices(groups["loss-moving-average"]) == len(steps)
+    assert "(log scale)" in (tmp_path / "loss.svg").read_text()
 
 
 def test_loss_curve_without_a_log_says_so(tmp_path):
@@ -194,14 +237,26 @@ def test_sample_pairs_flag_random_weights_in_the_image(tmp_path, patches):
     assert ((red[..., 0] > 140) & (red[..., 1] < 60)).sum() > 100
 
 
+def test_sample_grid_and_report_sheet_are_one_pair_sheet(tmp_path, patches):
+    sheet = pair_sheet([(patches[0], patches[1], "a"), (patches[2], patches[3], "b")], per_row=4, side=256)
+    array = np.asarray(sheet)
+    assert sheet.width == 2 * (2 * 256 + 4 + 12) + 12
+    # pixels are pasted unscaled at the sheet's side: real left, generated right
+    assert np.array_equal(array[34:290, 12:268], patches[0]) and np.array_equal(array[34:290, 272:528], patches[1])
+
+
 def test_read_image_uses_a_pyramid_level_and_png(tmp_path, patches):
     image = np.tile(patches[0], (4, 4, 1))  # 1024 x 1024
     write_pyramid_tiff(tmp_path / "big.tif", image, 0.5)
     write_png(tmp_path / "big.png", image)
     for name in ("big.tif", "big.png"):
         small = read_image(tmp_path / name, 300)
-        assert max(small.size) == 300 and small.mode == "RGB"
-    assert read_image(tmp_path / "big.tif", 2000).size == (1024, 1024)
+        assert max(small.shape[:2]) == 300 and small.shape[2] == 3 and small.dtype == np.uint8
+        full = read_image(tmp_path / name)  # no max_side: the full-resolution level (JPEG tiles in the TIFF)
+        assert full.shape == image.shape and np.abs(full.astype(int) - image).mean() < (3 if name == "big.tif" else 1e-9)
+    assert read_image(tmp_path / "big.tif", 2000).shape == (1024, 1024, 3)
+    with pytest.raises(StageOutputError, match="big.jpg: cannot read the image"):
+        read_image(tmp_path / "big.jpg")
 
 
 def test_large_image_sheet_reads_png_and_tiff_regions(tmp_path, patches):
@@ -225,6 +280,20 @@ def test_metrics_table(tmp_path, random_weights):
     assert "lower is better" in table.meaning[0] and "higher is better" in table.meaning[1]
     assert "std 0.1, min 0.4, median 0.6, max 0.8" in table.notes[1] and "2 region(s)" in table.notes[2]
     assert "CLIP weights not found" in text
+
+
+def test_every_failure_reason_has_its_description_in_the_table(tmp_path, patches):
+    tiles = make_tiles(tmp_path, patches[0])
+    status = pd.read_csv(tiles / "status.tsv", sep="\t")
+    failed = status.iloc[[1] * len(Reason)].assign(reason=[r.value for r in Reason],
+                                                    input_id=[f"in{n}" for n in range(len(Reason))])
+    failed.to_csv(tiles / "status.tsv", sep="\t", index=False)
+    table = slides_table(tiles, tmp_path / "slides.html", "d")
+    assert list(table.reason) == [f"{r.value}: {r.description}" for r in Reason]
+    assert all(r.description for r in Reason)  # would_upsample, bad_mpp_overrides, ... included
+    failed.assign(reason="no_such_reason").to_csv(tiles / "status.tsv", sep="\t", index=False)
+    with pytest.raises(StageOutputError, match="status.tsv: input in0 has an unknown reason 'no_such_reason'"):
+        slides_table(tiles, tmp_path / "slides.html", "d")
 
 
 def test_summary_and_the_command(tmp_path, patches):

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from helpers import SHARED_DATA
-from pipeline.embedding.extract import write_dataset_index
+from pipeline.embedding.outputs import write_dataset_index
 from pipeline.io.shards import decode_image, decode_npy, encode_image, encode_json, encode_npy, write_shard
 from pipeline.models.autoencoder import random_vq
 from pipeline.models import RLDiffPipeline, load_lid_release, load_pipeline

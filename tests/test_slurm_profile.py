@@ -85,7 +85,8 @@ def make_upstream(work: Path, dataset: str, stages: list[str]) -> None:
                 path.mkdir(parents=True)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(f"input_id\tstatus\tpatch_count\n{INPUT_ID}\tdone\t1\n" if path.suffix == ".tsv" else "")
+                path.write_text(f"input_id\tsource\tstatus\treason\tpatch_count\tmessage\n"  # as tile-summary writes it
+                                f"{INPUT_ID}\t{INPUT_ID}.svs\tdone\t\t1\t\n" if path.suffix == ".tsv" else "")
             os.utime(path, (now + age, now + age))  # after the slide, before the next stage
 
 

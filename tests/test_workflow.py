@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
 
 import openslide
 import pandas as pd
@@ -174,7 +175,10 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     assets = {match.group(1): base64.b64decode(match.group(2)) for match in
               re.finditer(r"filename=([\w.]+);base64,([A-Za-z0-9+/=]+)", text)}
     assert "fd_hipt_vit_s16" in assets["metrics.html"].decode() and b"RANDOM WEIGHTS" in assets["metrics.html"]
-    assert b"cmu_small_region.svs" in assets["slides.html"] and assets["loss.svg"].startswith(b"<svg")
+    for banner in (assets["metrics.html"], assets["summary.html"]):  # every random part, named
+        assert b"the conditioning encoder hipt_vit_s16" in banner and b"the diffusion model's autoencoder" in banner
+    assert b"cmu_small_region.svs" in assets["slides.html"]
+    assert ElementTree.fromstring(assets["loss.svg"]).tag == "{http://www.w3.org/2000/svg}svg"  # matplotlib's SVG
     assert all(assets[name][:3] == b"\xff\xd8\xff" for name in ("thumbnails.jpg", "sample_pairs.jpg",
                                                                   "large_images.jpg"))
 

@@ -15,7 +15,6 @@ which DINO-style training checkpoints (HIPT's ``vit256_small_dino.pth``) store a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import pickle
 import re
@@ -40,14 +39,6 @@ class CheckpointError(PipelineError):
 # ----------------------------------------------------------------------------------------------
 # Reading files
 # ----------------------------------------------------------------------------------------------
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def read_checkpoint(path: str | Path) -> Any:
     """The object stored in a weights file: safetensors, or a weights-only ``torch.load``."""

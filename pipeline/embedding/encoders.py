@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.embedding.checkpoints import LAYOUTS, convert_state_dict, file_sha256, read_checkpoint
+from pipeline.embedding.checkpoints import LAYOUTS, convert_state_dict, read_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.io.hashing import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -272,6 +273,11 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).float()
+
+    def record(self) -> dict[str, Any]:
+        """What identifies this encoder's embeddings (each embedding shard's json holds it per encoder)."""
+        return {"spec_sha256": self.spec_hash, "weights_sha256": self.weights_sha256,
+                "random_weights": bool(self.random_weights), "dim": self.spec.output_dim}
 
     def extra_repr(self) -> str:
         source = "RANDOM weights" if self.random_weights else f"weights sha256 {self.weights_sha256[:12]}"

@@ -21,13 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
-from pipeline.io.atomic import atomic_file
-from pipeline.io.shard_stage import PatchImages, process_shards, resolve_device
+from pipeline.embedding.outputs import WEIGHTS_HASH
+from pipeline.io.device import resolve_device
+from pipeline.io.shard_stage import PatchImages, process_shards
 from pipeline.io.shards import encode_json, encode_npy, image_field, read_shard, write_shard
-
-INDEX_COLUMNS = ["key", "input_id", "source", "x", "y", "col", "row", "shard"]
-
 
 @dataclass(frozen=True)
 class EmbeddingSettings:
@@ -39,12 +36,6 @@ class EmbeddingSettings:
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
-
-
-def encoder_record(encoder) -> dict[str, Any]:
-    """What identifies an embedding: encoder name, spec hash, weights hash, random or not."""
-    return {"spec_sha256": encoder.spec_hash, "weights_sha256": encoder.weights_sha256,
-            "random_weights": bool(encoder.random_weights), "dim": encoder.spec.output_dim}
 
 
 @torch.inference_mode()
@@ -74,7 +65,7 @@ def embed_shard(source: Path, target: Path, encoders: Sequence[Any], settings: E
     """Embed one tiling shard into ``target`` (atomic). Returns the number of samples."""
     samples = read_shard(source)
     vectors = embed_images(encoders, PatchImages(samples), settings, progress)
-    records = {e.spec.name: encoder_record(e) for e in encoders}
+    records = {e.spec.name: e.record() for e in encoders}
     out = []
     for index, sample in enumerate(samples):
         meta = json.loads(sample["json"])
@@ -98,34 +89,7 @@ def embed_input(tile_dir: str | Path, out_dir: str | Path, encoders: Sequence[An
     def add_hashes(manifest: pd.DataFrame) -> pd.DataFrame:
         for encoder in encoders:
             manifest[f"{encoder.spec.name}_spec_sha256"] = encoder.spec_hash
-            manifest[f"{encoder.spec.name}_weights_sha256"] = encoder.weights_sha256
+            manifest[f"{encoder.spec.name}{WEIGHTS_HASH}"] = encoder.weights_sha256
         return manifest
 
     return process_shards(tile_dir, out_dir, embed, add_hashes)
-
-
-def recorded_encoder(manifest: pd.DataFrame, name: str) -> dict[str, Any]:
-    """Which weights made the `name` embeddings of a manifest this stage wrote (or a later stage
-    copied): its name, weights hash (``"random"`` for random weights) and whether they are random."""
-    column = f"{name}_weights_sha256"
-    hashes = sorted(set(manifest[column].astype(str))) if column in manifest else []
-    if len(hashes) > 1:
-        raise PipelineError(f"the {name} embeddings were made with {len(hashes)} different weights: {hashes}")
-    weights = hashes[0] if hashes else None
-    return {"name": name, "weights_sha256": weights, "random_weights": weights == "random"}
-
-
-def write_dataset_index(input_dirs: Sequence[str | Path], final: str | Path) -> pd.DataFrame:
-    """The dataset's embedding index: one row per patch (key, slide, x, y, col, row, shard)."""
-    frames = []
-    for folder in map(Path, input_dirs):
-        frame = pd.read_parquet(folder / "manifest.parquet")
-        frame.insert(1, "input_id", folder.name)
-        frame["shard"] = [str(Path(folder.name) / name) for name in frame.shard] if len(frame) else frame.get("shard")
-        frames.append(frame)
-    index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
-    if "slide" not in index.columns:
-        index["slide"] = index.get("source")
-    with atomic_file(final) as temp:
-        index.to_parquet(temp, index=False)
-    return index

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.embedding.checkpoints import file_sha256
 from pipeline.embedding.encoders import Encoder, build_encoder
 from pipeline.evaluation.settings import EvaluationError, EvaluationSettings
+from pipeline.io.hashing import file_sha256
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 CLIP_MODEL = "ViT-B/32"
@@ -175,15 +175,10 @@ class EncoderFeatures:
         return self.encoder(self.encoder.preprocess(pixels))
 
 
-def encoder_record(encoder: Encoder) -> dict[str, Any]:
-    return {"name": encoder.spec.name, "model": encoder.spec.description,
-            "weights_sha256": encoder.weights_sha256, "spec_sha256": encoder.spec_hash,
-            "random_weights": bool(encoder.random_weights), "dim": encoder.spec.output_dim}
-
-
 def encoder_extractor(encoder: Encoder) -> FeatureExtractor:
     name = encoder.spec.name
-    record = {**encoder_record(encoder), "input": "the uint8 patch through the encoder's own preprocessing"}
+    record = {"name": name, "model": encoder.spec.description, **encoder.record(),
+              "input": "the uint8 patch through the encoder's own preprocessing"}
     return FeatureExtractor(name, f"fd_{name}", f"kd_{name}", EncoderFeatures(encoder), keep_size,
                             encoder.spec.output_dim, record)
 

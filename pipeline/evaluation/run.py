@@ -4,11 +4,11 @@ number goes to one metrics.json with its sample counts and what produced it."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +18,20 @@ from torch.utils.data import Dataset
 
 from pipeline.embedding.encoders import ENCODERS
 from pipeline.embedding.extract import EmbeddingSettings, embed_images
+from pipeline.evaluation.crops import check_crops_fit, write_region_crops
 from pipeline.evaluation.distances import (KID_SEED, degenerate_covariance_warning, features_frechet_distance,
                                            kernel_distance, kid_subset_size)
 from pipeline.evaluation.extractors import (EncoderCache, ExtractorUnavailable, FeatureExtractor, build_extractor,
-                                            encoder_record)
-from pipeline.evaluation.inputs import (LargeImages, PatchSamples, read_large_images, read_patch_samples, read_rgb,
-                                        write_region_crops)
+                                            encoder_extractor)
+from pipeline.evaluation.outputs import METRICS_FORMAT, write_metrics
 from pipeline.evaluation.settings import EvaluationError, EvaluationSettings
-from pipeline.io.atomic import write_text_atomic
-from pipeline.io.shard_stage import resolve_device
+from pipeline.io.device import resolve_device
+from pipeline.io.images import read_image
+from pipeline.sampling.outputs import (MANIFEST, SAMPLES_SUMMARY, LargeImages, PatchSamples, read_large_images,
+                                      read_samples)
 
 log = logging.getLogger(__name__)
 
-METRICS_FORMAT = "rldiff-metrics/1"
 PATCHES, CROPS = "patches", "large_image_crops"
 SCOPE_PREFIX = {PATCHES: "", CROPS: "crop_"}
 
@@ -56,7 +57,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(read_rgb(self.paths[index]))).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(read_image(self.paths[index]))).permute(2, 0, 1).contiguous()
 
 
 def cosine_similarities(encoder, files: Sequence[Path], conditions: np.ndarray,
@@ -122,6 +123,7 @@ class Evaluation:
     def similarity(self, scope: str, embedding_key: str, generated: Sequence[Path], real: Sequence[Path],
                    conditions: np.ndarray, context: dict[str, Any]) -> None:
         encoder = self.encoders.get(embedding_key)
+        record = encoder_extractor(encoder).record  # the features' record: the same encoder, the same input
         prefix = SCOPE_PREFIX[scope]
         # The real image's own cosine is the ceiling: far below 1, the conditions were not made by
         # this encoder (other weights or preprocessing) and the generated cosine cannot be read.
@@ -130,10 +132,10 @@ class Evaluation:
             cosines = cosine_similarities(encoder, files, conditions, self.settings)
             spread = {"std": float(cosines.std()), "min": float(cosines.min()),
                       "median": float(np.median(cosines)), "max": float(cosines.max())}
-            self.record(name, float(cosines.mean()), scope, counts, encoder_record(encoder), context, [], **spread)
+            self.record(name, float(cosines.mean()), scope, counts, record, context, [], **spread)
 
     def patches(self, samples: PatchSamples) -> None:
-        context = {"dataset": samples.dataset, "mpp": samples.mpp, "sampler": samples.sampler}
+        context = {"dataset": samples.dataset, "mpp": samples.mpp, "sampler": samples.settings}
         self.distances(PATCHES, samples.generated, samples.unique_real, context)
         self.similarity(PATCHES, samples.embedding_key, samples.generated, samples.real, samples.conditions, context)
 
@@ -175,16 +177,17 @@ def evaluate(out: str | Path, settings: EvaluationSettings, encoder_settings: di
         raise EvaluationError("nothing to evaluate: give a patch samples folder, a large-images folder, or both")
     out = Path(out)
     # Read and check every input before loading any network, so a bad folder fails in seconds.
-    patch_samples = read_patch_samples(samples) if samples is not None else None
+    patch_samples = read_samples(samples) if samples is not None else None
     large = read_large_images(large_images) if large_images is not None else None
     if patch_samples is not None:
-        patch_samples.embedding_key = _embedding_key(patch_samples.embedding_key, embedding_key,
-                                                     patch_samples.conditions.shape[1],
-                                                     patch_samples.folder / "sample.json")
+        patch_samples = replace(patch_samples, embedding_key=_embedding_key(
+            patch_samples.embedding_key, embedding_key, patch_samples.conditions.shape[1],
+            patch_samples.folder / SAMPLES_SUMMARY))
         embedding_key = embedding_key or patch_samples.embedding_key
     if large is not None:
-        large.embedding_key = _embedding_key(large.embedding_key, embedding_key,
-                                             large.regions[0].embeddings.shape[2], large.folder / "manifest.parquet")
+        check_crops_fit(large)
+        large = replace(large, embedding_key=_embedding_key(
+            large.embedding_key, embedding_key, large.regions[0].embeddings.shape[2], large.folder / MANIFEST))
     run = Evaluation(settings, encoder_settings)
     run.build_extractors()
     if patch_samples is not None:
@@ -197,7 +200,7 @@ def evaluate(out: str | Path, settings: EvaluationSettings, encoder_settings: di
               "inputs": {"samples": str(samples) if samples is not None else None,
                          "large_images": str(large_images) if large_images is not None else None},
               "settings": settings.to_dict(), "metrics": run.metrics, "skipped": run.skipped}
-    write_text_atomic(out, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_metrics(out, result)
     return result
 
 

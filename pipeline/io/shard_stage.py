@@ -1,5 +1,5 @@
 """What every shard-to-shard stage (embeddings, latents) shares: decoding patch images in
-DataLoader workers, choosing the device, and the resumable per-shard loop.
+DataLoader workers and the resumable per-shard loop.
 
 A stage maps each input shard ``patches-NNNNNN.tar`` to an output shard of the same name. Output
 shards are only ever renamed into place once complete, so an existing one is finished and is
@@ -25,13 +25,6 @@ from pipeline.io.shards import decode_image, image_field
 log = logging.getLogger(__name__)
 
 SHARD_GLOB = "patches-*.tar"
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' means the first GPU when there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class PatchImages(Dataset):

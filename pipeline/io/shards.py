@@ -16,12 +16,13 @@ from PIL import Image
 import webdataset
 from webdataset import TarWriter
 
-from pipeline.io.atomic import atomic_file, remove_path, temp_sibling
+from pipeline.io.atomic import atomic_file, remove_path
 
 # WebDataset splits "key.ext" at the first dot, so keys must not contain one.
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-# Fixed tar metadata so that the same samples always give byte-identical shards.
-TAR_MTIME = 0.0
+# Fixed tar metadata so that the same samples always give byte-identical shards; the samples'
+# fields are bytes already (no encoder).
+TAR_OPTIONS = {"encoder": False, "mtime": 0.0, "user": "rldiff", "group": "rldiff"}
 
 
 def check_key(key: str) -> str:
@@ -52,10 +53,6 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def encode_json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _tar_writer(stream) -> TarWriter:
-    return TarWriter(stream, encoder=False, mtime=TAR_MTIME, user="rldiff", group="rldiff")
 
 
 def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -96,74 +93,45 @@ def decode_npy(data: bytes) -> np.ndarray:
 def write_shard(final: str | Path, samples: list[dict[str, Any]]) -> None:
     """Write one complete shard atomically; each sample is {'__key__': key, ext: bytes, ...}."""
     with atomic_file(final) as temp, open(temp, "wb") as stream:
-        writer = _tar_writer(stream)
+        writer = TarWriter(stream, **TAR_OPTIONS)
         for sample in samples:
             check_key(sample["__key__"])
             writer.write(sample)
         writer.close()
 
 
-class ShardWriter:
-    """Write samples into ``<folder>/<prefix>-000000.tar``, … with at most ``max_count``
-    samples each. Each shard is a temporary file until it is complete, then renamed."""
+class ShardWriter(webdataset.ShardWriter):
+    """webdataset's ShardWriter into ``<folder>/<prefix>-000000.tar``, … (at most ``max_count``
+    samples each) with this module's fixed tar metadata and validated keys. Each shard is written
+    under a temporary name and renamed in ``post`` once complete, so a killed job never leaves a
+    finished-looking shard; leaving the ``with`` block on an error drops the shard being written."""
 
     def __init__(self, folder: str | Path, prefix: str = "patches", max_count: int = 2000):
-        self.folder = Path(folder)
-        self.prefix = prefix
-        self.max_count = max_count
-        self.shard_names: list[str] = []
-        self._index = 0
-        self._count = 0
-        self._writer: TarWriter | None = None
-        self._stream = None
-        self._temp: Path | None = None
-        self._final: Path | None = None
+        # An absolute path: webdataset's gopen reads "scheme:" prefixes as URLs.
+        folder = str(Path(folder).absolute()).replace("%", "%%")
+        self._temp_suffix = f".tmp-{os.getpid()}"
+        super().__init__(f"{folder}/.{prefix}-%06d.tar{self._temp_suffix}", maxcount=max_count,
+                         maxsize=float("inf"), post=self._publish, verbose=0, **TAR_OPTIONS)
 
-    def _open(self) -> None:
-        name = f"{self.prefix}-{self._index:06d}.tar"
-        self._final = self.folder / name
-        self._temp = temp_sibling(self._final)
-        self._stream = open(self._temp, "wb")
-        self._writer = _tar_writer(self._stream)
-        self.shard_names.append(name)
-        self._count = 0
+    def _final(self, temp: str) -> Path:
+        temp_path = Path(temp)
+        return temp_path.with_name(temp_path.name[1:].removesuffix(self._temp_suffix))
 
-    def _finish(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()  # also closes the stream
-        os.replace(self._temp, self._final)
-        self._writer = self._stream = self._temp = None
-        self._index += 1
+    def _publish(self, temp: str) -> None:
+        if self.count == 0:  # the shard opened on construction, when no sample was written
+            remove_path(Path(temp))
+        else:
+            os.replace(temp, self._final(temp))
 
-    def write(self, key: str, fields: dict[str, bytes]) -> str:
-        """Add one sample; returns the shard name it went into."""
-        check_key(key)
-        if self._writer is not None and self._count >= self.max_count:
-            self._finish()
-        if self._writer is None:
-            self._open()
-        self._writer.write({"__key__": key, **fields})
-        self._count += 1
-        return self.shard_names[-1]
-
-    def close(self) -> None:
-        self._finish()
-
-    def abort(self) -> None:
-        """Drop the shard being written (on error)."""
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            finally:
-                remove_path(self._temp)
-                self._writer = self._stream = self._temp = None
-
-    def __enter__(self) -> "ShardWriter":
-        return self
+    def write(self, sample: dict[str, Any]) -> str:
+        """Add one sample {'__key__': key, ext: bytes, ...}; returns the name of the shard it went into."""
+        check_key(sample["__key__"])
+        super().write(sample)
+        return self._final(self.fname).name
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
         else:
-            self.abort()
+            self.post = lambda temp: remove_path(Path(temp))
+            self.close()

@@ -33,8 +33,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline.io.device import resolve_device
 from pipeline.io.precision import autocast
-from pipeline.io.shard_stage import PatchImages, process_shards, resolve_device
+from pipeline.io.shard_stage import PatchImages, process_shards
 from pipeline.io.shards import encode_json, encode_npy, read_shard, write_shard
 from pipeline.models.autoencoder import Autoencoder, AutoencoderSettings
 

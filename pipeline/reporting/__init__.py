@@ -1,6 +1,7 @@
-"""The Snakemake report's assets (pipeline.reporting.assets: tables, image sheets, the loss curve,
-built by `pipeline report-assets`) and what the rule files need to caption them. This module is
-imported by rules/report.smk, so it imports nothing beyond the standard library."""
+"""The Snakemake report's assets, built by `pipeline report-assets` (pipeline.reporting.assets
+dispatches to one small module per asset: tiling, charts, samples, large_images, metrics,
+summary; pages and sheets draw them), and what the rule files need to caption them. This module
+is imported by rules/report.smk, so it imports nothing beyond the standard library."""
 
 from __future__ import annotations
 

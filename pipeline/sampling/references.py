@@ -1,40 +1,19 @@
 """Real patches that condition the samplers: held-out patches, and k x k regions of adjacent ones.
 
-Both read the embedding stage's outputs (``OUT/embeddings/<dataset>/``): its ``index.parquet``
-says where each patch is (input, grid col/row, shard) and the shards hold the patch image next to
-its embeddings.
+Both choose rows of the embedding stage's index (`pipeline.embedding.outputs.read_embedding_index`:
+input, grid col/row and shard of each patch); `read_patches` there reads their images and embeddings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.io.shards import decode_image, decode_npy, image_field, iter_shard
+from pipeline.embedding.outputs import RealPatch
 from pipeline.splits import is_held_out
-
-INDEX_NAME = "index.parquet"
-
-
-@dataclass
-class RealPatch:
-    key: str
-    input_id: str
-    col: int
-    row: int
-    image: np.ndarray  # (H, W, 3) uint8
-    embedding: np.ndarray  # (D,) float32
-
-
-def read_index(embeddings_dir: str | Path) -> pd.DataFrame:
-    path = Path(embeddings_dir) / INDEX_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: embedding index not found (run the embed stage first)")
-    return pd.read_parquet(path)
 
 
 def held_out_rows(index: pd.DataFrame, holdout_inputs: Iterable[str], fraction: float,
@@ -51,30 +30,6 @@ def held_out_rows(index: pd.DataFrame, holdout_inputs: Iterable[str], fraction: 
     turn = chosen.groupby("input_id", sort=False).cumcount()
     return chosen.assign(_turn=turn.values).sort_values(["_turn"], kind="stable").head(limit) \
         .sort_index().drop(columns="_turn").reset_index(drop=True)
-
-
-def load_patches(embeddings_dir: str | Path, rows: pd.DataFrame, embedding_key: str) -> dict[str, RealPatch]:
-    """Image and embedding of each row's patch, read shard by shard."""
-    inputs_dir = Path(embeddings_dir) / "inputs"
-    field = f"{embedding_key}.npy"
-    found: dict[str, RealPatch] = {}
-    for shard, group in rows.groupby("shard", sort=True):
-        wanted = {key: (ident, int(col), int(row))
-                  for key, ident, col, row in zip(group.key, group.input_id, group.col, group.row)}
-        path = inputs_dir / shard
-        for sample in iter_shard(path):
-            key = sample["__key__"]
-            if key not in wanted:
-                continue
-            if field not in sample:
-                raise KeyError(f"{path}: sample {key!r} has no embedding {field!r}")
-            ident, col, row = wanted[key]
-            embedding = decode_npy(sample[field]).reshape(-1).astype(np.float32)
-            found[key] = RealPatch(key, ident, col, row, decode_image(sample[image_field(sample)]), embedding)
-    missing = sorted(set(rows.key) - set(found))
-    if missing:
-        raise KeyError(f"{inputs_dir}: {len(missing)} indexed patches not found in their shards, e.g. {missing[:3]}")
-    return found
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The `sample` and `large_image` stages: real held-out embeddings in, images and manifests out.
 
-Outputs (see docs/data_contract.md, stages 5 and 6):
+Outputs (see docs/data_contract.md, stages 5 and 6; names and readers in
+`pipeline.sampling.outputs`):
 
 - ``OUT/samples/<dataset>/``: ``generated/<key>.png``, ``real/<key>.png``, ``conditions.npy``,
   ``manifest.parquet``, ``grid.jpg``, ``sample.json``; written as one folder, atomically.
@@ -22,24 +23,20 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from pipeline.embedding.outputs import read_embedding_index, read_patches
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_dir, atomic_file, remove_path, write_text_atomic
+from pipeline.io.device import resolve_device
 from pipeline.io.large_image_files import StreamedRows, release_mapped_pages, write_png, write_pyramid_tiff
-from pipeline.io.shard_stage import resolve_device
+from pipeline.io.sheets import pair_sheet, write_jpeg
 from pipeline.models import RLDiffPipeline, load_pipeline
 from pipeline.sampling.config import LargeImageConfig, LargeImageSettings
 from pipeline.sampling.fusion import distributed_rank
 from pipeline.sampling.large_image import LargeImageSampler, decoded_bands, large_image_seam_score
+from pipeline.sampling.outputs import (CONDITIONS, GENERATED_DIR, GRID, IMAGE_COLUMNS, LARGE_IMAGES_SUMMARY, MANIFEST,
+                                       REAL_DIR, REGION_EMBEDDINGS, REGION_RECORD, SAMPLES_SUMMARY, region_folder)
 from pipeline.sampling.patches import PatchSampler, PatchSamplingConfig
-from pipeline.sampling.references import (
-    find_regions,
-    held_out_rows,
-    load_patches,
-    read_index,
-    region_grid,
-    region_rows,
-)
-
+from pipeline.sampling.references import find_regions, held_out_rows, region_grid, region_rows
 
 
 def embedding_key_of(model: RLDiffPipeline, fallback: str | None) -> str:
@@ -50,20 +47,6 @@ def embedding_key_of(model: RLDiffPipeline, fallback: str | None) -> str:
     return key
 
 
-def pair_grid(reals: list[np.ndarray], generated: list[np.ndarray], pairs_per_row: int = 4) -> np.ndarray:
-    """Real | generated pairs side by side, `pairs_per_row` pairs per row, white gaps between pairs."""
-    side = reals[0].shape[0]
-    gap = max(2, side // 32)
-    rows = -(-len(reals) // pairs_per_row)
-    cell = 2 * side + gap
-    grid = np.full((rows * (side + gap) - gap, min(len(reals), pairs_per_row) * cell - gap, 3), 255, np.uint8)
-    for i, (real, fake) in enumerate(zip(reals, generated)):
-        top, left = (i // pairs_per_row) * (side + gap), (i % pairs_per_row) * cell
-        grid[top : top + side, left : left + side] = real
-        grid[top : top + side, left + side : left + 2 * side] = fake
-    return grid
-
-
 def sample_patches(model_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path, *, dataset: str,
                    mpp: float, holdout_inputs: tuple[str, ...], holdout_fraction: float,
                    config: PatchSamplingConfig, embedding_key: str | None = None,
@@ -72,37 +55,37 @@ def sample_patches(model_dir: str | Path, embeddings_dir: str | Path, out_dir: s
     device = resolve_device(config.device)
     model = load_pipeline(model_dir).to(device)
     key = embedding_key_of(model, embedding_key)
-    rows = held_out_rows(read_index(embeddings_dir), holdout_inputs, holdout_fraction, config.max_samples)
+    index = read_embedding_index(embeddings_dir)
+    rows = held_out_rows(index.rows, holdout_inputs, holdout_fraction, config.max_samples)
     if rows.empty:
         raise PipelineError(f"{embeddings_dir}: no held-out patches (holdout inputs {list(holdout_inputs)}, "
-                         f"fraction {holdout_fraction}); hold out an input or raise holdout.fraction")
-    patches = load_patches(embeddings_dir, rows, key)
+                            f"fraction {holdout_fraction}); hold out an input or raise holdout.fraction")
+    patches = read_patches(index, rows, key)
     ordered = [patches[k] for k in rows.key]
     conditions = np.stack([p.embedding for p in ordered])
     started = time.perf_counter()
     evaluations = 0
-    records, grid_real, grid_fake = [], [], []
+    records, grid_pairs_shown = [], []
     with atomic_dir(out_dir) as temp:
-        (temp / "generated").mkdir()
-        (temp / "real").mkdir()
+        (temp / GENERATED_DIR).mkdir()
+        (temp / REAL_DIR).mkdir()
         sampler = PatchSampler(model, config)
         for batch in sampler.batches(conditions):
             evaluations += batch.unet_evaluations
             for offset, image in enumerate(batch.images):
                 patch = ordered[batch.first_index + offset]
-                generated, real = f"generated/{patch.key}.png", f"real/{patch.key}.png"
+                generated, real = f"{GENERATED_DIR}/{patch.key}.png", f"{REAL_DIR}/{patch.key}.png"
                 Image.fromarray(image).save(temp / generated)
                 Image.fromarray(patch.image).save(temp / real)
                 records.append({"sample_id": patch.key, "key": patch.key, "input_id": patch.input_id,
                                 "col": patch.col, "row": patch.row, "generated": generated, "real": real,
                                 "seed_index": batch.first_index + offset})
-                if len(grid_real) < grid_pairs:
-                    grid_real.append(patch.image)
-                    grid_fake.append(image)
+                if len(grid_pairs_shown) < grid_pairs:
+                    grid_pairs_shown.append((patch.image, image, patch.key))
         manifest = pd.DataFrame.from_records(records)
-        manifest.to_parquet(temp / "manifest.parquet", index=False)
-        np.save(temp / "conditions.npy", conditions.astype(np.float32))
-        Image.fromarray(pair_grid(grid_real, grid_fake)).save(temp / "grid.jpg", quality=92)
+        manifest.to_parquet(temp / MANIFEST, index=False)
+        np.save(temp / CONDITIONS, conditions.astype(np.float32))
+        write_jpeg(pair_sheet(grid_pairs_shown, side=ordered[0].image.shape[0]), temp / GRID, quality=92)
         summary = {
             "dataset": dataset, "mpp": mpp, "model": str(model_dir), "embedding_key": key,
             "random_weights": model.random_weights, "random_parts": model.random_parts, "samples": len(manifest),
@@ -110,7 +93,7 @@ def sample_patches(model_dir: str | Path, embeddings_dir: str | Path, out_dir: s
             "sampler": asdict(config), "unet_evaluations": evaluations,
             "seconds": round(time.perf_counter() - started, 3), "device": str(device),
         }
-        (temp / "sample.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (temp / SAMPLES_SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
@@ -157,7 +140,7 @@ def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarr
         write_pyramid_tiff(folder / "reference.tif", reference, pixel_um, jpeg_quality=jpeg_quality,
                            description="rldiff reference region")
         files["reference_tif"] = "reference.tif"
-    np.save(folder / "embeddings.npy", grid)
+    np.save(folder / REGION_EMBEDDINGS, grid)
     return {**files, "width": width, "height": height, "seam_score": seam, "windows": stats.windows,
             "steps": stats.steps, "unet_evaluations": stats.unet_evaluations, "unet_calls": stats.unet_calls,
             "sampling_seconds": round(stats.seconds, 3), "decode_seconds": round(decode_seconds, 3)}
@@ -173,8 +156,8 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
     rank, _ = distributed_rank()
     model = load_pipeline(model_dir).to(resolve_device(settings.device))
     key = embedding_key_of(model, embedding_key)
-    index = read_index(embeddings_dir)
-    regions = find_regions(index, k, settings.regions, holdout_inputs)
+    index = read_embedding_index(embeddings_dir)
+    regions = find_regions(index.rows, k, settings.regions, holdout_inputs)
     if not regions:
         raise PipelineError(f"{embeddings_dir}: no {k}x{k} block of adjacent patches in any input; lower large_image.k")
     base = settings.sampler_config(model.latent_size)
@@ -185,12 +168,12 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
                     "png_max_side": png_max_side, "tiff": tiff, "embedding_key": key,
                     "jpeg_quality": settings.jpeg_quality}
         digest = _settings_digest(identity)
-        folder = out_dir / f"region-{number:03d}"
-        record_path = folder / "region.json"
+        folder = out_dir / region_folder(number)
+        record_path = folder / REGION_RECORD
         if record_path.is_file() and json.loads(record_path.read_text()).get("settings_sha") == digest:
             record = json.loads(record_path.read_text())  # finished by an earlier run with these settings
         else:
-            patches = load_patches(embeddings_dir, region_rows(index, region), key)
+            patches = read_patches(index, region_rows(index.rows, region), key)
             grid, reference = region_grid(region, patches)
             if rank > 0:  # under torchrun: the other ranks sample their share of the windows, rank 0 writes
                 LargeImageSampler(model, grid, config).sample()
@@ -198,26 +181,26 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
             with atomic_dir(folder) as temp:
                 files = generate_region(model, grid, reference, temp, config, pixel_size_um(mpp, kind),
                                         png_max_side, tiff, settings.jpeg_quality)
-                record = {"region": f"region-{number:03d}", "input_id": region.input_id, "col": region.col,
+                record = {"region": region_folder(number), "input_id": region.input_id, "col": region.col,
                           "row": region.row, "k": region.k, "held_out": region.held_out, "mpp": mpp,
                           "dataset": dataset, "mode": mode, "sampler": config.sampler, "steps": config.steps,
                           "stride": config.stride, "guidance_scale": config.guidance_scale, "seed": config.seed,
                           "random_weights": model.random_weights, "random_parts": model.random_parts,
                           "settings_sha": digest, "embedding_key": key,
                           "keys": [list(row) for row in region.keys], "config": asdict(config), **files}
-                (temp / "region.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+                (temp / REGION_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         records.append(record)
     if rank > 0:
         return pd.DataFrame()
     manifest = pd.DataFrame.from_records(
         [{name: value for name, value in r.items() if name not in ("keys", "config")} for r in records])
-    for column in ("generated_png", "generated_tif", "reference_png", "reference_tif"):
+    for column in IMAGE_COLUMNS:
         if column in manifest:
             manifest[column] = [f"{r}/{v}" if isinstance(v, str) else None for r, v in zip(manifest.region, manifest[column])]
-    manifest["embeddings"] = [f"{r}/embeddings.npy" for r in manifest.region]
-    with atomic_file(out_dir / "manifest.parquet") as temp:
+    manifest["embeddings"] = [f"{r}/{REGION_EMBEDDINGS}" for r in manifest.region]
+    with atomic_file(out_dir / MANIFEST) as temp:
         manifest.to_parquet(temp, index=False)
-    write_text_atomic(out_dir / "large_images.json", json.dumps(
+    write_text_atomic(out_dir / LARGE_IMAGES_SUMMARY, json.dumps(
         {"dataset": dataset, "regions": len(manifest), "k": k, "mode": mode, "model": str(model_dir),
          "embedding_key": key, "mpp": mpp},
         indent=2, sort_keys=True) + "\n")

@@ -32,6 +32,36 @@ class Reason(str, enum.Enum):
     READER_CRASHED = "reader_crashed"  # the process tiling the input died (a signal) or left no status
     UNEXPECTED_ERROR = "unexpected_error"  # a reader raised something unforeseen: a bug to report
 
+    @property
+    def description(self) -> str:
+        """The reason in plain words, for people reading the report."""
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    Reason.NOT_FOUND: "the file does not exist",
+    Reason.EMPTY_FILE: "the file is empty",
+    Reason.OPEN_FAILED: "the reader does not recognise or cannot parse the file (unsupported format, or truncated)",
+    Reason.READ_FAILED: "the file opens, but its pixel data is corrupt",
+    Reason.NO_MPP: "the file does not record its pixel size; add a row to the dataset's mpp_overrides table",
+    Reason.BAD_MPP_OVERRIDES: "the dataset's mpp_overrides table is missing or cannot be parsed",
+    Reason.ABSURD_MPP: "the recorded pixel size is implausible (outside 0.05-100 µm/px)",
+    Reason.TOO_SMALL: "the image is smaller than one patch",
+    Reason.WOULD_UPSAMPLE: "the target resolution is finer than the file's own pixels by more than max_upsample",
+    Reason.NO_TISSUE: "no patch contained enough tissue",
+    Reason.UNSUPPORTED_BANDS: "the configured bands do not exist in the file",
+    Reason.UNSUPPORTED_DTYPE: "the pixel data type is not supported",
+    Reason.NO_CRS: "the GeoTIFF has no coordinate reference system",
+    Reason.CRS_IN_DEGREES: "the GeoTIFF's coordinates are in degrees, not a projected CRS in metres",
+    Reason.CRS_NOT_GROUND_METRES: "the GeoTIFF's projection is too far from ground metres at the image (and no "
+                                  "known correction applies)",
+    Reason.TOO_LARGE: "the file claims an image, tile or read size past the tiler's bounds (corrupt or unpyramided)",
+    Reason.BAD_GEOREFERENCE: "the GeoTIFF's geotransform or CRS is non-finite, degenerate, mirrored or unusable",
+    Reason.OUT_OF_MEMORY: "tiling the file needed more memory than its limit",
+    Reason.READER_CRASHED: "the process tiling the file died (the message names the signal)",
+    Reason.UNEXPECTED_ERROR: "the reader raised an unforeseen error (the message has it; please report it)",
+}
+
 
 class TilingError(PipelineError):
     """An input that cannot be tiled; ``reason`` is machine readable, the message names the file."""

@@ -25,7 +25,7 @@ def export_module(module, folder: str | Path, autoencoder: Autoencoder, use_ema:
     """Export a trained :class:`~pipeline.training.module.LatentDiffusion` (EMA weights if it has them).
 
     encoder: the record of the encoder whose embeddings it was trained on (name, weights_sha256,
-    random_weights: pipeline.embedding.extract.recorded_encoder), when known.
+    random_weights: pipeline.embedding.outputs.recorded_encoder), when known.
     """
     unet, condition = module.export_models(use_ema)
     config = module.config

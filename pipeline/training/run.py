@@ -6,6 +6,7 @@ Run folder::
     <run_dir>/checkpoints/last.ckpt          the newest state (also written when training ends)
     (each written under a temporary name and renamed: a kill never leaves a truncated checkpoint)
     <run_dir>/logs/version_K/metrics.csv     train/loss and train/lr per logged step, one version per (re)start
+    (read with pipeline.training.outputs.read_training_log; the CLI adds done.json, read_training_done)
 
 Calling :func:`train` again with the same run folder continues from ``last.ckpt``: weights,
 optimizer, learning-rate schedule, EMA and step are restored, and the data stream starts at the
@@ -43,6 +44,7 @@ from pipeline.models.lid_config import read_lid_config
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import LatentDataModule
 from pipeline.training.environment import choose_cluster_environment, cluster_plugins
+from pipeline.training.outputs import LOGS_DIR
 from pipeline.training.module import LatentDiffusion
 
 log = logging.getLogger(__name__)
@@ -218,7 +220,7 @@ def build_trainer(config: TrainConfig, run_dir: str | Path, callbacks: Sequence[
         "plugins": [*cluster_plugins(decision), AtomicCheckpointIO()],
         "precision": resolve_precision(config),
         "callbacks": [checkpoints, *callbacks],
-        "logger": CSVLogger(str(run_dir), name="logs"),
+        "logger": CSVLogger(str(run_dir), name=LOGS_DIR),
         "log_every_n_steps": config.log_every,
         "accumulate_grad_batches": config.accumulate_grad_batches,
         "gradient_clip_val": config.gradient_clip_val,
