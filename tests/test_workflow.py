@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import subprocess
@@ -175,8 +176,9 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     assets = {match.group(1): base64.b64decode(match.group(2)) for match in
               re.finditer(r"filename=([\w.]+);base64,([A-Za-z0-9+/=]+)", text)}
     assert "fd_hipt_vit_s16" in assets["metrics.html"].decode() and b"RANDOM WEIGHTS" in assets["metrics.html"]
-    for banner in (assets["metrics.html"], assets["summary.html"]):  # every random part, named
-        assert b"the conditioning encoder hipt_vit_s16" in banner and b"the diffusion model's autoencoder" in banner
+    for page in (assets["metrics.html"], assets["summary.html"]):  # every random part, named
+        text = html.unescape(page.decode())
+        assert "the conditioning encoder hipt_vit_s16" in text and "the diffusion model's autoencoder" in text
     assert b"cmu_small_region.svs" in assets["slides.html"]
     assert ElementTree.fromstring(assets["loss.svg"]).tag == "{http://www.w3.org/2000/svg}svg"  # matplotlib's SVG
     assert all(assets[name][:3] == b"\xff\xd8\xff" for name in ("thumbnails.jpg", "sample_pairs.jpg",

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DatasetSpec
-from pipeline.io.atomic import remove_path
+from pipeline.io.atomic import remove_path, write_text_atomic
 from pipeline.tiling.failures import Reason
-from pipeline.tiling.outputs import (STATUS_FILE, describe_summary, failed_status, summarize_dataset, tile_input,
-                                     write_failed_folder)
+from pipeline.tiling.outputs import (STATUS_FILE, describe_summary, failed_status, status_json, summarize_dataset,
+                                     tile_input, write_failed_folder)
 
 # The tile_input rule's mem_mb; the rule passes its own value through this variable.
 MEMORY_ENV = "PIPELINE_TILE_MEMORY_MB"
@@ -80,10 +80,15 @@ def tile_one(spec: DatasetSpec, input_id: str, out_dir: str | Path, memory_mb: i
         finally:
             sys.stdout.flush(), sys.stderr.flush()
             os._exit(code)
-    _, wait_status = os.waitpid(pid, 0)
+    _, wait_status, usage = os.wait4(pid, 0)
     if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0 and (out_dir / STATUS_FILE).is_file():
-        return json.loads((out_dir / STATUS_FILE).read_text())
-    return _record_death(spec, input_id, path, out_dir, pid, wait_status, memory_mb)
+        status = json.loads((out_dir / STATUS_FILE).read_text())
+    else:
+        status = _record_death(spec, input_id, path, out_dir, pid, wait_status, memory_mb)
+    # The child's peak resident memory (Linux reports KiB): what tiling this input took.
+    status["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    write_text_atomic(out_dir / STATUS_FILE, status_json(status))
+    return status
 
 
 def _record_death(spec: DatasetSpec, input_id: str, path: str, out_dir: Path, pid: int, wait_status: int,
