@@ -45,11 +45,13 @@ def memory_limit_mb() -> int:
     return int(os.environ.get(MEMORY_ENV) or DEFAULT_MEMORY_MB)
 
 
-def _address_space_bytes() -> int | None:
-    """This process's mapped address space now (Linux), which a forked child starts with."""
+def _own_memory_bytes(field: str) -> int | None:
+    """A size of this process from /proc/self/status (Linux): ``VmSize`` its mapped address space and
+    ``RssAnon`` its resident anonymous memory, both of which a forked child starts with (file-backed
+    pages count for the child only once it touches them)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -66,7 +68,7 @@ def tile_one(spec: DatasetSpec, input_id: str, out_dir: str | Path, memory_mb: i
     opener = _opener(spec.kind)
     if not memory_mb or not hasattr(os, "fork"):
         return tile_input(spec, input_id, path, out_dir, opener)
-    start = _address_space_bytes()
+    start, shared = _own_memory_bytes("VmSize"), _own_memory_bytes("RssAnon") or 0
     sys.stdout.flush(), sys.stderr.flush()  # nothing buffered is written twice
     pid = os.fork()
     if pid == 0:  # the child: tile, then leave without running the parent's exit handlers
@@ -85,8 +87,9 @@ def tile_one(spec: DatasetSpec, input_id: str, out_dir: str | Path, memory_mb: i
         status = json.loads((out_dir / STATUS_FILE).read_text())
     else:
         status = _record_death(spec, input_id, path, out_dir, pid, wait_status, memory_mb)
-    # The child's peak resident memory (Linux reports KiB): what tiling this input took.
-    status["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    # What tiling this input took: the child's peak resident set (Linux reports KiB) less the pages
+    # it shared with this process at the fork, which a large parent (a test session) would dominate.
+    status["tiling_memory_mb"] = round(max(usage.ru_maxrss * 1024 - shared, 0) / 2**20, 1)
     write_text_atomic(out_dir / STATUS_FILE, status_json(status))
     return status
 
