@@ -78,10 +78,8 @@ if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
 else:
     from pipeline.stain.environment import environment_python
 
-    STAIN_PIPELINE = (
-        f"{PIPELINE} setup-tiatoolbox --quiet && PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} "
-        f"{shlex.quote(str(environment_python()))} -m pipeline"
-    )
+    STAIN_PIPELINE = (f"{PIPELINE} setup-tiatoolbox --quiet && "
+                      f"{_PYTHONPATH} {shlex.quote(str(environment_python()))} -m pipeline")
 
 
 def patches_to_embed(dataset, input_id):

@@ -105,7 +105,8 @@ def write_tiled_input(folder: Path, images: list[tuple[str, np.ndarray]], per_sh
     with ShardWriter(folder, max_count=per_shard) as writer:
         for index, (key, rgb) in enumerate(images):
             meta = {"dataset": "test", "source": "real.svs", "col": index, "row": 0, "x": 256 * index, "y": 0}
-            shard = writer.write(key, {image_format: encode_image(rgb, image_format), "json": json.dumps(meta).encode()})
+            shard = writer.write({"__key__": key, image_format: encode_image(rgb, image_format),
+                                  "json": json.dumps(meta).encode()})
             rows.append({"key": key, **meta, "shard": shard})
     pd.DataFrame(rows).to_parquet(folder / "manifest.parquet", index=False)
     return folder

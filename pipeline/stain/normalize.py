@@ -33,18 +33,16 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import move_dir_into_place, remove_path, write_text_atomic
+from pipeline.io.hashing import file_sha256
 from pipeline.io.shard_loop import process_shards
 from pipeline.io.shards import decode_image, encode_image, encode_json, image_field, iter_shard, read_shard, write_shard
+from pipeline.stain.outputs import BACKGROUND, ESTIMATION_FAILED, MANIFEST_FILE, STATUS_FILE
 from pipeline.stain.settings import StainSettings
 
 # A pixel is stained when the mean optical density of its R, G and B is at least this (Macenko's
 # beta, 0.15: white glass is about 0.05, pale eosin about 0.2).
 STAINED_OD = 0.15
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-STATUS_FILE = "stain.json"
-# Why a patch passed through unchanged.
-BACKGROUND = "background"  # fewer stained pixels than min_stained_fraction
-ESTIMATION_FAILED = "estimation_failed"  # tiatoolbox raised, or the arithmetic gave no finite result
 
 
 class StainTargetError(PipelineError):
@@ -89,7 +87,7 @@ def target_files(target: str | Path) -> list[Path]:
 
 def files_sha256(files: list[Path]) -> str:
     """One file: the sha256 of its bytes; a folder's images: the sha256 of their names and hashes."""
-    hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in files]
+    hashes = [file_sha256(path) for path in files]
     if len(files) == 1:
         return hashes[0]
     return hashlib.sha256("".join(f"{p.name}\0{h}\n" for p, h in zip(files, hashes)).encode()).hexdigest()
@@ -199,7 +197,7 @@ def stain_input(tiles_dir: str | Path, out_dir: str | Path, settings: StainSetti
     record = {"method": settings.method, "target_sha256": target_sha256, **normalizer.fitted,
               "min_stained_fraction": settings.min_stained_fraction, "tiatoolbox": normalizer.tiatoolbox_version}
     # Finished shards are kept only for the same record, output format and tiles.
-    tiles_manifest = hashlib.sha256((tiles_dir / "manifest.parquet").read_bytes()).hexdigest()
+    tiles_manifest = file_sha256(tiles_dir / MANIFEST_FILE)
     fingerprint = hashlib.sha256(json.dumps([record, jpeg_quality, tiles_manifest], sort_keys=True).encode())
     partial = out_dir.parent / f".{out_dir.name}.partial-{fingerprint.hexdigest()[:12]}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)

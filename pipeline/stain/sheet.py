@@ -1,36 +1,25 @@
-"""The report's before | after contact sheet of one stain-normalised input (`pipeline stain-sheet`).
-
-Patches are chosen evenly over the input (by manifest order); each pair shows the tiled patch and
-the normalised one, and a patch that passed through unchanged says why. Needs only PIL and numpy,
-so it runs in the main environment, not tiatoolbox's.
+"""The report's before | after contact sheet of one stain-normalised input (`pipeline stain-sheet`):
+patches chosen evenly over the input, each as tiled and as normalised, on the shared pair sheet; a
+patch that passed through unchanged says why. PIL and numpy only: it runs in the main environment.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from pipeline.io.atomic import atomic_file
+from pipeline.io.sheets import font, pair_sheet, write_jpeg
 from pipeline.io.shards import decode_image, image_field, iter_shard
+from pipeline.stain.outputs import read_stain_manifest, read_stain_status
 
-GAP = 6
-LABEL_HEIGHT = 18
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
+TITLE_HEIGHT = 52
 
 
-def chosen_patches(stain_dir: Path, count: int) -> pd.DataFrame:
-    """``count`` rows of the stain manifest, evenly spread over the input."""
-    manifest = pd.read_parquet(stain_dir / "manifest.parquet")
+def chosen_patches(manifest: pd.DataFrame, count: int) -> pd.DataFrame:
+    """``count`` rows of a manifest, evenly spread over the input."""
     if len(manifest) <= count:
         return manifest
     return manifest.iloc[np.linspace(0, len(manifest) - 1, count).round().astype(int)]
@@ -45,42 +34,31 @@ def read_images(folder: Path, rows: pd.DataFrame) -> dict[str, np.ndarray]:
     return images
 
 
+def with_title(sheet: Image.Image, lines: list[str]) -> Image.Image:
+    out = Image.new("RGB", (sheet.width, TITLE_HEIGHT + sheet.height), "white")
+    ImageDraw.Draw(out).multiline_text((12, 8), "\n".join(lines), fill=(20, 20, 20), font=font(15), spacing=6)
+    out.paste(sheet, (0, TITLE_HEIGHT))
+    return out
+
+
 def before_after_sheet(tiles_dir: str | Path, stain_dir: str | Path | None, out: str | Path, dataset: str,
-                       pairs: int = 8, columns: int = 4, cell: int = 160) -> int:
-    """Write the JPEG sheet; returns how many pairs it shows (0: a sheet that says why none)."""
-    title_font, label_font = _font(15), _font(12)
+                       pairs: int = 8, side: int = 192) -> int:
+    """Write the JPEG sheet; returns how many pairs it shows (0: a sheet that says why there are none)."""
     if not stain_dir:
-        sheet = Image.new("RGB", (2 * columns * cell, 60), "white")
-        ImageDraw.Draw(sheet).text((GAP, GAP), f"{dataset}: no input kept patches, nothing was stain-normalised",
-                                   fill="black", font=title_font)
-        _save(sheet, out)
+        write_jpeg(with_title(Image.new("RGB", (4 * (2 * side + 16), 40), "white"),
+                              [f"{dataset}: no input kept patches, so nothing was stain-normalised"]), out)
         return 0
     tiles_dir, stain_dir = Path(tiles_dir), Path(stain_dir)
-    status = json.loads((stain_dir / "stain.json").read_text())
-    rows = chosen_patches(stain_dir, pairs)
+    status = read_stain_status(stain_dir)
+    rows = chosen_patches(read_stain_manifest(stain_dir), pairs)
     before, after = read_images(tiles_dir, rows), read_images(stain_dir, rows)
+    shown = [(before[row.key], after[row.key],
+              row.key if row.stain_normalized else f"{row.key}: unchanged ({row.stain_skipped})")
+             for row in rows.itertuples()]
     passed = status["passed_through"]
     title = [f"{dataset} / {stain_dir.name}: before | after stain normalisation ({status['method']}, target "
              f"{Path(status['target']).name})",
-             f"{status['normalized']} of {status['patch_count']} patches normalised; unchanged: "
+             f"{status['normalized']} of {status['patch_count']} patches normalised; passed through unchanged: "
              f"{passed['background']} background, {passed['estimation_failed']} where estimation failed"]
-    grid_rows = -(-len(rows) // columns)
-    pair_width = 2 * cell + GAP
-    top = 8 + 20 * len(title)
-    sheet = Image.new("RGB", (columns * (pair_width + 2 * GAP), top + grid_rows * (cell + LABEL_HEIGHT + GAP)), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((GAP, 6), "\n".join(title), fill="black", font=title_font, spacing=5)
-    for index, row in enumerate(rows.itertuples()):
-        x = GAP + (index % columns) * (pair_width + 2 * GAP)
-        y = top + (index // columns) * (cell + LABEL_HEIGHT + GAP)
-        for offset, image in ((0, before[row.key]), (cell + GAP, after[row.key])):
-            sheet.paste(Image.fromarray(image).resize((cell, cell), Image.Resampling.BOX), (x + offset, y))
-        label = "before | after" if row.stain_normalized else f"unchanged: {row.stain_skipped}"
-        draw.text((x, y + cell + 2), f"{label}  (c{row.col}, r{row.row})", fill="black", font=label_font)
-    _save(sheet, out)
-    return len(rows)
-
-
-def _save(sheet: Image.Image, out: str | Path) -> None:
-    with atomic_file(out) as temp:
-        sheet.save(temp, format="JPEG", quality=90)
+    write_jpeg(with_title(pair_sheet(shown, side=side, labels=("before", "after")), title), out)
+    return len(shown)
