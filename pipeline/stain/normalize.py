@@ -176,13 +176,14 @@ def stain_shard(source: Path, target: Path, normalizer: FittedNormalizer, record
 
 
 def shard_outcomes(folder: Path) -> pd.DataFrame:
-    """The ``stain`` record of every sample of a stain folder's shards: key, normalized, skipped, fraction."""
+    """The ``stain`` record of every sample of a stain folder's shards: key, normalized, skipped (why it
+    passed through; "" for a normalised patch, so that the column is text whatever pandas' version), fraction."""
     rows = []
     for shard in sorted(folder.glob("patches-*.tar")):
         for sample in iter_shard(shard):
             stain = json.loads(sample["json"])["stain"]
             rows.append({"key": sample["__key__"], "stain_normalized": stain["normalized"],
-                         "stain_skipped": stain["skipped"], "stain_stained_fraction": stain["stained_fraction"]})
+                         "stain_skipped": stain["skipped"] or "", "stain_stained_fraction": stain["stained_fraction"]})
     return pd.DataFrame(rows, columns=["key", "stain_normalized", "stain_skipped", "stain_stained_fraction"])
 
 
