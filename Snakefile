@@ -1,6 +1,6 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
 #   snakemake --cores N            every stage, report assets included
-#   snakemake --cores N tile       one stage (targets: tile, embed, latents, train, sample, large_image,
+#   snakemake --cores N tile       one stage (targets: tile, stain, embed, latents, train, sample, large_image,
 #                                  evaluate, report)
 #   snakemake --report report.html the report: one self-contained HTML file (after the run)
 # Configuration: validated against pipeline/schemas/workflow_config.schema.yaml, which holds every
@@ -28,6 +28,7 @@ wildcard_constraints:
 
 
 include: "rules/tile.smk"
+include: "rules/stain.smk"
 include: "rules/embed.smk"
 include: "rules/latents.smk"
 include: "rules/train.smk"
@@ -41,6 +42,7 @@ rule all:
     default_target: True
     input:
         rules.tile.input,
+        rules.stain.input,
         rules.embed.input,
         rules.train.input,
         rules.sample.input,

@@ -16,7 +16,9 @@ FORBIDDEN = {
     "training": {"sampling", "evaluation", "reporting"},
     "latents": {"sampling", "training", "evaluation", "reporting"},
     "tiling": {"embedding", "latents", "training", "sampling", "evaluation", "reporting", "models"},
-    "io": {"tiling", "embedding", "latents", "training", "sampling", "evaluation", "reporting", "models"},
+    "io": {"tiling", "embedding", "latents", "training", "sampling", "evaluation", "reporting", "models", "stain"},
+    # runs in tiatoolbox's environment, which has no torch: nothing of the torch stages
+    "stain": {"tiling", "embedding", "latents", "training", "sampling", "evaluation", "reporting", "models"},
 }
 
 

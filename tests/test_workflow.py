@@ -243,3 +243,32 @@ def test_an_input_without_patches_gets_no_embedding_job(tmp_path):
     assert plan.returncode == 0, plan.stderr[-3000:]
     jobs = re.findall(r"embed-input --tiles \S*?/inputs/([\w-]+)", plan.stdout)
     assert jobs == ["cmu_small_region"]  # not `gone`, which tiling recorded as not_found
+
+
+@pytest.mark.stain
+def test_stain_normalisation_feeds_the_embedding(tmp_path, shared_data):
+    """With `stain_normalization` on, the demo slide is tiled, normalised in tiatoolbox's own
+    environment (the rule builds it on first use) and embedded from the normalised patches; the
+    report's before | after sheet is built."""
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    dataset = config["datasets"]["demo_he_20x"]
+    dataset.update(inputs=[str(DEMO_SLIDE)], tissue_threshold=0.9, stain_normalization={
+        "method": "macenko", "target": str(shared_data / "he_images" / "tiatoolbox_target_image.png")})
+    config["embedding"].update(device="cpu", num_workers=0)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    args = ("--cores", "2", "--configfile", str(tmp_path / "config.yaml"), "--directory", str(tmp_path))
+    result = run_snakemake("embed", "results/report/demo_he_20x/stain.jpg", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "results"
+    tiles, stain = out / "tiles/demo_he_20x/inputs/cmu_small_region", out / "stain/demo_he_20x/inputs/cmu_small_region"
+    status = json.loads((stain / "stain.json").read_text())
+    assert status["method"] == "macenko" and status["normalized"] + sum(status["passed_through"].values()) == \
+        status["patch_count"] == len(read_shards(tiles)) > 0
+    embedded = read_shards(out / "embeddings/demo_he_20x/inputs/cmu_small_region")
+    for tiled, normalised, sample in zip(read_shards(tiles), read_shards(stain), embedded):
+        assert tiled["__key__"] == normalised["__key__"] == sample["__key__"]
+        assert sample["jpg"] == normalised["jpg"]  # what was embedded: the normalised patch
+        assert (sample["jpg"] != tiled["jpg"]) == json.loads(sample["json"])["stain"]["normalized"]
+    assert "hipt_vit_s16.npy" in embedded[0]
+    assert (out / "report/demo_he_20x/stain.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    assert "patches, " in (out / "logs/stain/demo_he_20x/cmu_small_region.log").read_text()
