@@ -17,6 +17,8 @@ FORBIDDEN = {
     "latents": {"sampling", "training", "evaluation", "reporting"},
     "tiling": {"embedding", "latents", "training", "sampling", "evaluation", "reporting", "models"},
     "io": {"tiling", "embedding", "latents", "training", "sampling", "evaluation", "reporting", "models"},
+    # reads the stages' files itself (no torch in its env); only the sampling stage's reader may join
+    "viewer": {"tiling", "embedding", "latents", "training", "evaluation", "reporting", "models"},
 }
 
 

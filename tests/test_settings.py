@@ -17,6 +17,7 @@ from pipeline.models.autoencoder import AutoencoderSettings
 from pipeline.sampling.config import LargeImageSettings
 from pipeline.sampling.patches import PatchSamplingConfig
 from pipeline.training.config import TrainConfig
+from pipeline.viewer import ViewerSettings
 
 # (table path in the schema, its dataclass, fields the pipeline derives instead of reading a key)
 STAGES = [
@@ -28,6 +29,7 @@ STAGES = [
     (("sampling",), PatchSamplingConfig, {"seed"}),
     (("large_image",), LargeImageSettings, set()),
     (("evaluation",), EvaluationSettings, set()),
+    (("viewer",), ViewerSettings, set()),
 ]
 # datasets.<name>: resolved by pipeline.config.resolve_datasets (paths, magnifications, holdout).
 DATASET_FIELDS = {"resolution": "target_mpp", "holdout": None}  # schema key -> DatasetSpec field

@@ -3,7 +3,7 @@
 | path | content |
 |---|---|
 | ``index.html`` | every large image, by dataset: thumbnail (reference, generated), size, µm/px, seam score |
-| ``<dataset>/<region>/index.html`` | the page: generated and reference in synchronised viewers, scale bars, provenance |
+| ``<dataset>/<region>/index.html`` | generated and reference in synchronised viewers, scale bars, provenance |
 | ``<dataset>/<region>/{generated,reference}.dzi`` and ``…_files/`` | the Deep Zoom pyramids |
 | ``<dataset>/<region>/thumbnail.jpg`` | the index's image |
 | ``lib/openseadragon/`` | OpenSeadragon (from npm), its button images and licence |
@@ -47,46 +47,56 @@ def extent_text(pixels: int, pixel_size_um: float, aerial: bool) -> str:
 
 
 def random_banner(records: list[dict[str, Any]]) -> str:
-    parts = sorted({part for record in records if record.get("random_weights") for part in record.get("random_parts") or ["model"]})
+    parts = sorted({part for record in records if record.get("random_weights")
+                    for part in record.get("random_parts") or ["model"]})
     if not parts:
         return ""
     return (f'<p class="banner">Random weights ({html.escape(", ".join(parts))}): the generated images are '
             "noise, not tissue; they only show that the pipeline runs.</p>")
 
 
-def provenance(region: Region, generated: DeepZoomImage, pixel_size_um: float, page_dir: Path) -> list[tuple[str, str]]:
-    """(label, HTML) rows: where the region is, what made the image, how it scored."""
+def provenance(region: Region, generated: DeepZoomImage, pixel_size_um: float) -> list[tuple[str, str]]:
+    """(label, text) rows: where the region is, what made the image, how it scored."""
     record = region.record
-    number = (lambda v: f"{v:g}") if region.aerial else (lambda v: f"{int(v)}")
-    where = (f"x {number(region.x)}, y {number(region.y)} ({'source' if region.aerial else 'level-0'} px of the "
-             "top-left patch)" if region.x is not None else "not in the embedding index")
-    side = extent_text(generated.width, pixel_size_um, region.aerial)
-    steps = ", ".join(f"{name} {record[key]:g}" if isinstance(record.get(key), float) else f"{name} {record[key]}"
-                      for name, key in (("steps", "steps"), ("stride", "stride"), ("guidance", "guidance_scale"))
-                      if record.get(key) is not None)
-    files = [region.generated] + ([region.reference] if region.reference else [])
-    rows = [
-        ("dataset", html.escape(region.dataset)),
-        ("slide", html.escape(str(region.slide or record.get("input_id", "?")))
-         + (f" ({html.escape(region.crs)})" if region.crs else "")),
-        ("position", html.escape(where) + html.escape(f"; grid col {record.get('col')}, row {record.get('row')}")),
-        ("size", html.escape(f"{generated.width} × {generated.height} px, {side} a side, "
-                             f"{record.get('k')} × {record.get('k')} patches")),
-        ("pixel size", html.escape(pixel_size_text(pixel_size_um, region.aerial))),
-        ("model", html.escape(str(region.model or "?"))
-         + (f" (random: {html.escape(', '.join(record.get('random_parts') or []))})" if record.get("random_weights") else "")),
-        ("embedding", html.escape(str(record.get("embedding_key", "?")))),
-        ("sampler", html.escape(f"{record.get('sampler', '?')} ({record.get('mode', '?')} mode): {steps}")),
-        ("seed", html.escape(str(record.get("seed", "?")))),
-        ("seam score", html.escape(f"{record['seam_score']:.3f} (1: the window edges are invisible)")
-         if isinstance(record.get("seam_score"), (int, float)) else "?"),
-        ("UNet evaluations", html.escape(f"{record.get('unet_evaluations', '?'):,} in {record.get('unet_calls', '?')} calls")
-         if isinstance(record.get("unet_evaluations"), int) else "?"),
+
+    def get(key: str) -> Any:
+        return record.get(key, "?")  # an older region.json may lack a field
+    if region.x is None:
+        where = "not in the embedding index"
+    else:
+        unit = "source" if region.aerial else "level-0"
+        coordinate = (lambda v: f"{v:g}") if region.aerial else (lambda v: f"{int(v)}")
+        where = f"x {coordinate(region.x)}, y {coordinate(region.y)} ({unit} px of the top-left patch)"
+    settings = ", ".join(f"{name} {record[key]:g}" for name, key in
+                         (("steps", "steps"), ("stride", "stride"), ("guidance", "guidance_scale"))
+                         if isinstance(record.get(key), (int, float)))
+    random = f" (random: {', '.join(record.get('random_parts') or ['model'])})" if record.get("random_weights") else ""
+    seam = record.get("seam_score")
+    evaluations = record.get("unet_evaluations")
+    return [
+        ("dataset", region.dataset),
+        ("slide", f"{region.slide or get('input_id')}" + (f" ({region.crs})" if region.crs else "")),
+        ("position", f"{where}; grid col {get('col')}, row {get('row')}"),
+        ("size", f"{generated.width} × {generated.height} px, "
+                 f"{extent_text(generated.width, pixel_size_um, region.aerial)} a side, {get('k')} × {get('k')} patches"),
+        ("pixel size", pixel_size_text(pixel_size_um, region.aerial)),
+        ("model", f"{region.model or '?'}{random}"),
+        ("embedding", str(get("embedding_key"))),
+        ("sampler", f"{get('sampler')} ({get('mode')} mode): {settings}"),
+        ("seed", str(get("seed"))),
+        ("seam score", f"{seam:.3f} (1: the window edges are invisible)"
+         if isinstance(seam, (int, float)) else "?"),
+        ("UNet evaluations", f"{evaluations:,} in {get('unet_calls')} calls" if isinstance(evaluations, int) else "?"),
         ("held out", "yes (never trained on)" if record.get("held_out") else "no"),
-        ("files", " ".join(f'<a href="{html.escape(Path(os.path.relpath(path, page_dir)).as_posix())}">{html.escape(path.name)}</a>'
-                           for path in files)),
     ]
-    return rows
+
+
+def table_rows(rows: list[tuple[str, str]], files: list[Path], page_dir: Path) -> str:
+    """Provenance rows as HTML, and a row of links to the stage's own files (for QuPath)."""
+    links = " ".join(f'<a href="{html.escape(Path(os.path.relpath(path, page_dir)).as_posix())}">'
+                     f"{html.escape(path.name)}</a>" for path in files)
+    return "\n".join([*(f"<tr><th>{html.escape(label)}</th><td>{html.escape(text)}</td></tr>" for label, text in rows),
+                      f"<tr><th>files</th><td>{links}</td></tr>"])
 
 
 def panel(role: str) -> str:
@@ -124,15 +134,14 @@ def write_region_page(region: Region, folder: Path, final_folder: Path, settings
     data = {"library": "../../lib/openseadragon",
             "images": [{"role": role, "tileSource": dzi.tile_source(), "pixelSizeUm": size, "width": dzi.width,
                         "height": dzi.height} for role, _, dzi, size in images]}
-    rows = provenance(region, generated, pixel_size_um, final_folder)
+    rows = table_rows(provenance(region, generated, pixel_size_um), [path for _, path, _, _ in images], final_folder)
     text = template("page.html").substitute(
         title=html.escape(region.title), root="../..", banner=random_banner([region.record]),
-        panels="\n".join(panel(role) for role, *_ in images),
-        provenance="\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in rows),
-        data=page_json(data))
+        panels="\n".join(panel(role) for role, *_ in images), provenance=rows, data=page_json(data))
     (folder / "index.html").write_text(text)
-    return {"href": f"{region.dataset}/{region.name}/index.html", "thumbnail": f"{region.dataset}/{region.name}/thumbnail.jpg",
-            "title": region.name, "dataset": region.dataset,
+    page = f"{region.dataset}/{region.name}"
+    return {"href": f"{page}/index.html", "thumbnail": f"{page}/thumbnail.jpg", "title": region.name,
+            "dataset": region.dataset,
             "facts": f"{generated.width} × {generated.height} px, {pixel_size_text(pixel_size_um, region.aerial)}, "
                      f"seam score {region.record.get('seam_score', float('nan')):.3f}",
             "order": "reference | generated" if region.reference is not None else "generated (no reference)"}
@@ -147,8 +156,8 @@ def index_page(cards: list[dict[str, Any]], records: list[dict[str, Any]]) -> st
             f'<div class="facts">{html.escape(c["order"])}<br>{html.escape(c["facts"])}</div></a>'
             for c in cards if c["dataset"] == dataset)
         sections.append(f'<section><h2>{html.escape(dataset)}</h2><div class="cards">\n{items}\n</div></section>')
-    return template("index.html").substitute(count=f"{len(cards)} image(s).", banner=random_banner(records),
-                                             datasets="\n".join(sections))
+    count = f"{len(cards)} large image{'' if len(cards) == 1 else 's'}."
+    return template("index.html").substitute(count=count, banner=random_banner(records), datasets="\n".join(sections))
 
 
 def build_viewer(results_dir: str | Path, out_dir: str | Path | None = None, *, datasets: list[str] | None = None,
