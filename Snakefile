@@ -1,8 +1,9 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
 #   snakemake --cores N            every stage, report assets included
 #   snakemake --cores N tile       one stage (targets: tile, stain, embed, latents, train, sample, large_image,
-#                                  evaluate, report)
+#                                  evaluate, report, viewer)
 #   snakemake --report report.html the report: one self-contained HTML file (after the run)
+#   results/viewer/index.html      the deep-zoom viewer of the large images (open it in a browser)
 # Configuration: validated against pipeline/schemas/workflow_config.schema.yaml, which holds every
 # default. workflow_config.yaml is the demo; `--configfile my.yaml` replaces it (it is not merged
 # into the demo), `--config key=value` changes single keys of whichever is used.
@@ -36,6 +37,7 @@ include: "rules/sample.smk"
 include: "rules/large_image.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/viewer.smk"
 
 
 rule all:
@@ -49,3 +51,4 @@ rule all:
         rules.large_image.input,
         rules.evaluate.input,
         rules.report.input,
+        rules.viewer.input,

@@ -210,6 +210,15 @@ def _report_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viewer(args: argparse.Namespace) -> int:
+    from pipeline.viewer import ViewerSettings, build_viewer
+
+    settings = settings_from_table(ViewerSettings, _table(args.settings), "viewer")
+    index = build_viewer(args.results, args.out, datasets=args.dataset, settings=settings)
+    print(f"{index}: open it in a browser (it works from the file system, offline)")
+    return 0
+
+
 def _tile(args: argparse.Namespace) -> int:
     from pipeline.tiling.run import tile_dataset
 
@@ -370,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-table", help="out: HTML table of the metrics (needs --metrics)")
     p.add_argument("--summary", help="out: HTML overview of whichever inputs are given")
     p.set_defaults(func=_report_assets)
+
+    p = sub.add_parser("viewer", help="deep-zoom viewer of the large images: a static site, RESULTS_DIR/viewer/index.html")
+    p.add_argument("results", help="the results folder (the config's output_dir): reads large_images/ and embeddings/")
+    p.add_argument("--out", help="the site's folder, written as a whole (default: RESULTS_DIR/viewer)")
+    p.add_argument("--dataset", action="append",
+                   help="a dataset to show (repeat for several; default: every dataset with large images)")
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="viewer"))
+    p.set_defaults(func=_viewer)
 
     p = sub.add_parser("tile", help="tile datasets without Snakemake (sequential)")
     p.add_argument("config", help=config_help)

@@ -49,7 +49,7 @@ PIPELINE_CALL = re.compile(r"(?:\{params\.pipeline\}|\{PIPELINE\}|-m pipeline)\s
 # conda-forge names that differ from the PyPI distribution of the same code.
 CONDA_TO_PYPI = {"pytorch": "torch"}
 # Entries of an env file that are tools, not imports.
-ENV_TOOLS = {"python", "pip"}
+ENV_TOOLS = {"python", "pip", "nodejs"}
 # Imports of optional features, which the code reports as unavailable when the package is absent
 # (a `try/except ImportError` around the import itself is recognised without being listed here).
 OPTIONAL_IMPORTS = {

@@ -18,6 +18,7 @@ from pipeline.sampling.config import LargeImageSettings
 from pipeline.sampling.patches import PatchSamplingConfig
 from pipeline.stain.settings import StainSettings
 from pipeline.training.config import TrainConfig
+from pipeline.viewer import ViewerSettings
 
 # (table path in the schema, its dataclass, fields the pipeline derives instead of reading a key)
 STAGES = [
@@ -30,6 +31,7 @@ STAGES = [
     (("large_image",), LargeImageSettings, set()),
     (("evaluation",), EvaluationSettings, set()),
     (("datasets", "*", "stain_normalization"), StainSettings, set()),
+    (("viewer",), ViewerSettings, set()),
 ]
 # Keys a table must give (the schema's `required`): no default on either side; example values.
 REQUIRED_VALUES = {"method": "macenko", "target": "/data/target.png"}

@@ -38,7 +38,7 @@ def test_dry_run_lists_the_stages(tmp_path):
     # once the tile_dataset checkpoint has run.
     assert "DAG of jobs will be updated after completion" in result.stdout
     for rule in ("tile_input", "tile_dataset", "embed_dataset", "train_dataset", "export_model", "sample_dataset",
-                 "large_image_dataset", "evaluate_dataset", "report_tiling", "report_dataset", "all"):
+                 "large_image_dataset", "evaluate_dataset", "report_tiling", "report_dataset", "viewer_site", "all"):
         assert rule in result.stdout
     targeted = run_snakemake("-n", "--cores", "1", "tile")
     assert targeted.returncode == 0 and "tile_dataset" in targeted.stdout
@@ -103,7 +103,7 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
                            "--directory", str(tmp_path), "train", "embed", "sample", "large_image", "evaluate",
-                           "report")
+                           "report", "viewer")
     assert result.returncode == 0, result.stderr[-3000:]
     tiles = pd.read_parquet(tmp_path / "out/tiles/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
     embedded = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
@@ -147,6 +147,13 @@ def test_demo_chain_runs_through_sampling(tmp_path):
         with openslide.OpenSlide(tmp_path / "out/large_images/demo_he_20x" / tif) as slide:
             assert slide.dimensions == (512, 512) and float(slide.properties["openslide.mpp-x"]) == 0.5
 
+    # the viewer: a page per region, with both pyramids to full resolution (512 px: level 9)
+    viewer = (tmp_path / "out/viewer/index.html").read_text()
+    for region in large.region:
+        assert f'href="demo_he_20x/{region}/index.html"' in viewer
+        for image in ("generated", "reference"):
+            assert (tmp_path / f"out/viewer/demo_he_20x/{region}/{image}_files/9/2_2.jpeg").is_file()
+
     # evaluation: the demo's random HIPT encoder as feature extractor, so fd_/kd_ names, never fid
     metrics = json.loads((tmp_path / "out/evaluation/demo_he_20x/metrics.json").read_text())
     by_name = {m["name"]: m for m in metrics["metrics"]}
@@ -169,6 +176,7 @@ def test_demo_chain_runs_through_sampling(tmp_path):
                      "5. Large images", "6. Metrics",  # categories
                      "summary.html", "slides.html", "thumbnails.jpg", "loss.svg", "sample_pairs.jpg",
                      "large_images.jpg", "metrics.html",  # assets
+                     "Deep-zoom viewer", "out/viewer/index.html",  # the link to the viewer
                      "Demo run: random weights", "Overview of dataset", "Inputs of dataset", "Tissue-mask thumbnails",
                      "Training loss of the latent diffusion model", "on the right the patch the model generated",
                      "Large images of", "Evaluation metrics of", "Random weights (demo)"):  # captions
