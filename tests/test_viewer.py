@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from helpers import REPO, SHARED_DATA, pipeline_env
-from pipeline.embedding.extract import write_dataset_index
+from pipeline.embedding.outputs import write_dataset_index
 from pipeline.errors import PipelineError
 from pipeline.io.large_image_files import UM_PER_M, write_png, write_pyramid_tiff
 from pipeline.io.shards import encode_image, encode_json, encode_npy, write_shard
