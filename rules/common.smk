@@ -62,6 +62,12 @@ def tiled_inputs(dataset):
     return inputs_with_patches(Path(checkpoints.tile_dataset.get(dataset=dataset).output.status).parent)
 
 
+def first_stained_input(dataset, stage):
+    """The first input of a stain-normalised dataset that kept patches, as its `stage` folder (none: [])."""
+    inputs = tiled_inputs(dataset)
+    return [f"{OUT}/{stage}/{dataset}/inputs/{inputs[0]}"] if inputs else []
+
+
 def training_inputs(dataset):
     """Tiled inputs that are not held out: their latents train the model."""
     tiled = set(tiled_inputs(dataset))

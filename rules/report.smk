@@ -102,12 +102,6 @@ rule report_dataset:
         "--large-image-sheet {output.large:q} --metrics-table {output.metrics:q} > {log:q} 2>&1"
 
 
-def first_stained_input(dataset, stage):
-    """The first input of a stain-normalised dataset that kept patches, as its `stage` folder (none: [])."""
-    inputs = tiled_inputs(dataset)
-    return [f"{OUT}/{stage}/{dataset}/inputs/{inputs[0]}"] if inputs else []
-
-
 rule report_stain:
     input:
         tiles=lambda w: first_stained_input(w.dataset, "tiles"),

@@ -336,7 +336,8 @@ def render_rst(path: Path, snakemake) -> str:
 class Job:
     def __init__(self, random_models: str):
         self.wildcards = type("W", (), {"dataset": "demo_he_20x"})()
-        self.params = type("P", (), {"random_models": random_models})()
+        # every param a caption reads (stain.rst: the method and the target's file name)
+        self.params = type("P", (), {"random_models": random_models, "method": "macenko", "target": "target.png"})()
 
 
 @pytest.mark.parametrize("random_models", ["the first-stage autoencoder", ""])
@@ -344,7 +345,7 @@ class Job:
 def test_captions_render(caption, random_models):
     html = render_rst(REPO / "report" / caption, Job(random_models))
     assert "demo_he_20x" in html
-    assert ("Random weights (demo)" in html) == bool(random_models) or caption in ("slides.rst", "thumbnails.rst")
+    assert ("Random weights (demo)" in html) == bool(random_models) or caption in ("slides.rst", "stain.rst", "thumbnails.rst")
 
 
 def demo_config() -> dict:
