@@ -1,7 +1,7 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
 #   snakemake --cores N            every stage, report assets included
-#   snakemake --cores N tile       one stage (targets: tile, embed, latents, train, sample, large_image,
-#                                  evaluate, report)
+#   snakemake --cores N tile       one stage (targets: tile, embed, autoencoder, latents, train, sample,
+#                                  large_image, evaluate, report)
 #   snakemake --report report.html the report: one self-contained HTML file (after the run)
 # Configuration: validated against pipeline/schemas/workflow_config.schema.yaml, which holds every
 # default. workflow_config.yaml is the demo; `--configfile my.yaml` replaces it (it is not merged
@@ -29,6 +29,7 @@ wildcard_constraints:
 
 include: "rules/tile.smk"
 include: "rules/embed.smk"
+include: "rules/autoencoder.smk"
 include: "rules/latents.smk"
 include: "rules/train.smk"
 include: "rules/sample.smk"

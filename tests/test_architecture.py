@@ -12,11 +12,12 @@ PACKAGE = REPO / "pipeline"
 # package -> packages it must never import (directly, lazily or not)
 FORBIDDEN = {
     "sampling": {"training", "latents", "reporting"},
-    "models": {"sampling", "training", "latents", "evaluation", "reporting", "tiling"},
+    "models": {"sampling", "training", "latents", "evaluation", "reporting", "tiling", "autoencoder"},
+    "autoencoder": {"embedding", "latents", "training", "sampling", "evaluation", "reporting"},
     "training": {"sampling", "evaluation", "reporting"},
     "latents": {"sampling", "training", "evaluation", "reporting"},
-    "tiling": {"embedding", "latents", "training", "sampling", "evaluation", "reporting", "models"},
-    "io": {"tiling", "embedding", "latents", "training", "sampling", "evaluation", "reporting", "models"},
+    "tiling": {"embedding", "autoencoder", "latents", "training", "sampling", "evaluation", "reporting", "models"},
+    "io": {"tiling", "embedding", "autoencoder", "latents", "training", "sampling", "evaluation", "reporting", "models"},
 }
 
 
