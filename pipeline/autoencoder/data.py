@@ -64,15 +64,16 @@ def read_patches(tiles_dir: str | Path, holdout_inputs: Sequence[str] = (), hold
     return PatchSplit(torch.stack(train), tuple(train_keys), torch.stack(heldout), tuple(heldout_keys))
 
 
-def _generator(seed: int, step: int) -> torch.Generator:
-    words = np.random.SeedSequence([seed, _STEP_STREAM, step]).generate_state(2, dtype=np.uint32)
+def step_generator(seed: int, step: int, stream: int = _STEP_STREAM) -> torch.Generator:
+    """A CPU generator fixed by (run seed, stream, step)."""
+    words = np.random.SeedSequence([seed, stream, step]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int((int(words[0]) << 31) ^ int(words[1])))
 
 
 def batch_for_step(patches: torch.Tensor, step: int, batch_size: int, crop: int | None, seed: int) -> torch.Tensor:
     """Batch ``step``: patches drawn with replacement, a random crop of each, random h/v flips;
     float32 in [-1, 1]."""
-    generator = _generator(seed, step)
+    generator = step_generator(seed, step)
     count, _, height, width = patches.shape
     crop = min(crop or height, height, width)
     picks = torch.randint(0, count, (batch_size,), generator=generator)

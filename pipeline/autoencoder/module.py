@@ -12,7 +12,12 @@ from diffusers import VQModel
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from pipeline.autoencoder.data import step_generator
 from pipeline.autoencoder.settings import AutoencoderTrainSettings
+
+NOISE_STREAM = 0x4E015E  # the KL posterior samples' stream (the batches have their own)
+# Adam betas of the taming/LDM autoencoder recipe.
+ADAM_BETAS = (0.5, 0.9)
 
 
 class WeightsEMA(nn.Module):
@@ -47,7 +52,9 @@ class AutoencoderModule(L.LightningModule):
             self.model = settings.build_model(sample_size)
         self.ema = WeightsEMA(self.model, settings.ema_decay) if settings.ema_decay else None
 
-    def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, images: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        """The loss of one batch; the KL posterior's sample is drawn from (seed, step) alone, so
+        that a resumed run draws what an uninterrupted one would have."""
         s = self.settings
         if isinstance(self.model, VQModel):
             latents = self.model.encode(images).latents
@@ -55,7 +62,7 @@ class AutoencoderModule(L.LightningModule):
             reconstruction, extra = decoded.sample, decoded.commit_loss.mean()
         else:
             posterior = self.model.encode(images).latent_dist
-            reconstruction = self.model.decode(posterior.sample()).sample
+            reconstruction = self.model.decode(posterior.sample(generator=step_generator(s.seed, step, NOISE_STREAM))).sample
             extra = s.kl_weight * posterior.kl().mean() / images[0].numel()
         reconstruction = reconstruction.float()
         l1 = (reconstruction - images).abs().mean()
@@ -65,7 +72,7 @@ class AutoencoderModule(L.LightningModule):
         return {"loss": loss, "l1": l1.detach(), "ssim": ssim.detach(), "regulariser": extra.detach()}
 
     def training_step(self, batch, batch_idx):
-        parts = self.losses(batch["images"])
+        parts = self.losses(batch["images"], int(batch["step"]))
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=False)
         return parts["loss"]
 
@@ -74,7 +81,7 @@ class AutoencoderModule(L.LightningModule):
             self.ema.update(self.model)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.settings.learning_rate, betas=(0.5, 0.9),
+        return torch.optim.AdamW(self.model.parameters(), lr=self.settings.learning_rate, betas=ADAM_BETAS,
                                  weight_decay=0.0)
 
     def export_model(self, use_ema: bool = True) -> nn.Module:
