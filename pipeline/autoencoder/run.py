@@ -121,7 +121,7 @@ def fit(settings: AutoencoderTrainSettings, split: PatchSplit, out_dir: str | Pa
     return module
 
 
-def _scaled(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.nn.Module:
+def with_unit_latents(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.nn.Module:
     """The model with scaling_factor = 1 / std of its latents on ``images`` (unit-variance latents)."""
     model.register_to_config(scaling_factor=1.0)
     model.register_to_config(scaling_factor=1.0 / max(latent_std(model, images, batch_size), 1e-6))
@@ -142,8 +142,8 @@ def train_autoencoder(tiles_dir: str | Path, out_dir: str | Path, settings: Auto
         torch.manual_seed(settings.seed)
         untrained = settings.build_model(int(split.train.shape[-1])).to(device).eval()
     model = module.export_model().eval()
-    _scaled(untrained, split.train, batch)
-    _scaled(model, split.train, batch)
+    with_unit_latents(untrained, split.train, batch)
+    with_unit_latents(model, split.train, batch)
     heldout = split.heldout
     f, c, bands = settings.downsampling, settings.latent_channels, settings.in_channels
     side = baseline_side(int(heldout.shape[-2]), f, c, bands)
