@@ -57,6 +57,13 @@ def score_image(image: np.ndarray, config, size: int, factor: int) -> dict:
     }
 
 
+def load_fixture(path: Path):
+    """The LID fixture's model, its 4x4 panorama embedding grid and LID's own sample of it (golden)."""
+    model = load_lid_release(path)
+    golden = np.load(path / "golden.npz")
+    return model, golden["pano_grid"].reshape(4, 4, -1), torch.from_numpy(golden["pano_latent"]).float()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixture", type=Path, default=FIXTURE)
@@ -66,15 +73,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    model = load_lid_release(args.fixture)
-    golden = np.load(args.fixture / "golden.npz")
-    grid = golden["pano_grid"].reshape(4, 4, -1)
+    model, grid, lid_latent = load_fixture(args.fixture)
     factor = model.downsampling_factor
     overrides = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
     fast = FAST_MODE.with_(**overrides)
     runs = []
 
-    lid_latent = torch.from_numpy(golden["pano_latent"]).float()
     size = lid_latent.shape[-1]
     image = decode_canvas(model, lid_latent, LID_MODE)
     runs.append({"mode": "lid", "seed": "LID's own sample (golden pano_latent)", "unet_evaluations": 16900,

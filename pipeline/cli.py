@@ -31,6 +31,32 @@ def _tile_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stain_input(args: argparse.Namespace) -> int:
+    from pipeline.stain.normalize import describe, stain_input
+    from pipeline.stain.settings import StainSettings
+
+    settings = settings_from_table(StainSettings, _table(args.settings), "stain_normalization")
+    print(describe(stain_input(args.tiles, args.out, settings, jpeg_quality=args.jpeg_quality)))
+    return 0
+
+
+def _stain_sheet(args: argparse.Namespace) -> int:
+    from pipeline.stain.sheet import before_after_sheet
+
+    pairs = before_after_sheet(args.tiles, args.stain, args.out, args.dataset)
+    print(f"{args.out}: {pairs} before | after pairs")
+    return 0
+
+
+def _setup_tiatoolbox(args: argparse.Namespace) -> int:
+    from pipeline.stain.environment import environment_python, ensure_environment
+
+    folder = ensure_environment(say=print)  # says something only while it builds
+    if not args.quiet:
+        print(f"tiatoolbox's environment: {folder} (python: {environment_python(folder)})")
+    return 0
+
+
 def _table(text: str) -> dict:
     """A config table passed as JSON by a rule (or by hand: '{}' means every default)."""
     import json
@@ -205,6 +231,15 @@ def _report_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viewer(args: argparse.Namespace) -> int:
+    from pipeline.viewer import ViewerSettings, build_viewer
+
+    settings = settings_from_table(ViewerSettings, _table(args.settings), "viewer")
+    index = build_viewer(args.results, args.out, datasets=args.dataset, settings=settings)
+    print(f"{index}: open it in a browser (it works from the file system, offline)")
+    return 0
+
+
 def _tile(args: argparse.Namespace) -> int:
     from pipeline.tiling.run import tile_dataset
 
@@ -272,6 +307,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="out: the dataset's manifest.parquet")
     p.add_argument("inputs", nargs="+", help="per-input tiling folders")
     p.set_defaults(func=_tile_summary)
+
+    p = sub.add_parser("stain-input", help="normalise the stain of one tiled input with tiatoolbox (its own env)")
+    p.add_argument("--tiles", required=True, help="the input's tiling folder")
+    p.add_argument("--out", required=True, help="output folder (shards, manifest.parquet, stain.json), renamed "
+                                                "into place when complete")
+    p.add_argument("--settings", required=True, help="JSON of the dataset's `stain_normalization:` table")
+    p.add_argument("--jpeg-quality", type=int, required=True,
+                   help="quality of normalised JPEG patches (the dataset's jpeg_quality)")
+    p.set_defaults(func=_stain_input)
+
+    p = sub.add_parser("stain-sheet", help="before | after contact sheet of one stain-normalised input (JPEG)")
+    p.add_argument("--tiles", required=True, help="the input's tiling folder")
+    p.add_argument("--stain", default="", help="the input's stain folder ('': none, the sheet says so)")
+    p.add_argument("--dataset", required=True, help="dataset name, for the title")
+    p.add_argument("--out", required=True, help="out: the JPEG")
+    p.set_defaults(func=_stain_sheet)
+
+    p = sub.add_parser("setup-tiatoolbox", help="build tiatoolbox's own environment for the stain stage (once; "
+                                                "the stain rule does it on first use)")
+    p.add_argument("--quiet", action="store_true", help="no line when the environment is ready already")
+    p.set_defaults(func=_setup_tiatoolbox)
 
     p = sub.add_parser("embed-input", help="embed one tiled input with SSL encoders (resumable)")
     p.add_argument("--tiles", required=True, help="the input's tiling folder")
@@ -353,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-table", help="out: HTML table of the metrics (needs --metrics)")
     p.add_argument("--summary", help="out: HTML overview of whichever inputs are given")
     p.set_defaults(func=_report_assets)
+
+    p = sub.add_parser("viewer", help="deep-zoom viewer of the large images: a static site, RESULTS_DIR/viewer/index.html")
+    p.add_argument("results", help="the results folder (the config's output_dir): reads large_images/ and embeddings/")
+    p.add_argument("--out", help="the site's folder, written as a whole (default: RESULTS_DIR/viewer)")
+    p.add_argument("--dataset", action="append",
+                   help="a dataset to show (repeat for several; default: every dataset with large images)")
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="viewer"))
+    p.set_defaults(func=_viewer)
 
     p = sub.add_parser("tile", help="tile datasets without Snakemake (sequential)")
     p.add_argument("config", help=config_help)

@@ -92,11 +92,21 @@ def apply_renamed_values(config: dict[str, Any]) -> None:
             table[path[-1]] = renamed_value(path, table[path[-1]])
 
 
+def _specific(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """For a table that may also be null (`anyOf: [null, table]`), the table's own error (an unknown
+    or missing key, a wrong value) instead of "is not valid under any of the given schemas"."""
+    if error.validator == "anyOf" and isinstance(error.instance, dict):
+        inner = [e for e in error.context if not (e.validator == "type" and e.validator_value == "null")]
+        if inner:
+            return jsonschema.exceptions.best_match(inner)
+    return error
+
+
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Validate ``config`` in place against the schema and fill defaults; return it."""
     apply_renamed_values(config)
     validator = _validator_with_defaults(load_schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = sorted(map(_specific, validator.iter_errors(config)), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  {_key_path(e)}: {e.message}" for e in errors]
         raise ConfigError("invalid workflow configuration:\n" + "\n".join(lines))
@@ -207,6 +217,9 @@ class DatasetSpec:
     # Kept out of training for sampling and evaluation (see pipeline.splits).
     holdout_inputs: tuple[str, ...] = ()  # input ids
     holdout_fraction: float = 0.1
+    # The validated `stain_normalization` table (target made absolute), or None: off. Plain data:
+    # the stain stage builds its settings from it (pipeline.stain.settings).
+    stain_normalization: dict[str, Any] | None = None
 
     @property
     def training_inputs(self) -> list[str]:
@@ -216,10 +229,15 @@ class DatasetSpec:
         """What one tiling job needs: the spec restricted to one input, without the settings of
         later stages (so that changing them does not re-tile)."""
         return dataclasses.replace(self, inputs={input_id: self.inputs[input_id]}, encoders=(),
-                                   holdout_inputs=(), holdout_fraction=0.0)
+                                   holdout_inputs=(), holdout_fraction=0.0, stain_normalization=None)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        data = dataclasses.asdict(self)
+        if data["stain_normalization"] is None:
+            # Off: the JSON the rules pass stays what it was before the option existed, so existing
+            # results are not re-run for a changed parameter.
+            del data["stain_normalization"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "DatasetSpec":
@@ -299,6 +317,7 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
             encoders=tuple(ds["encoders"]),
             holdout_inputs=held_out_inputs(ds["holdout"]["inputs"], inputs, base_dir, name),
             holdout_fraction=float(ds["holdout"]["fraction"]),
+            stain_normalization=stain_table(ds, base_dir, name),
         )
         if not specs[name].training_inputs:
             raise ConfigError(f"datasets.{name}.holdout.inputs: every input is held out, nothing is left to train on")
@@ -307,6 +326,17 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
                 raise ConfigError(f"datasets.{name}.encoders: {encoder!r} has no entry under "
                                   f"`encoders:` saying where its weights are")
     return specs
+
+
+def stain_table(ds: dict[str, Any], base_dir: Path, name: str) -> dict[str, Any] | None:
+    """A dataset's `stain_normalization` table with its target made absolute (None: off)."""
+    table = ds.get("stain_normalization")
+    if table is None:
+        return None
+    if ds["kind"] != "wsi":
+        raise ConfigError(f"datasets.{name}.stain_normalization: stain normalisation is for H&E slides (kind wsi), "
+                          f"not {ds['kind']} images")
+    return {**table, "target": str(absolute_path(table["target"], base_dir))}
 
 
 # Settings that name files, relative to the config file's folder like the dataset inputs:
@@ -349,6 +379,9 @@ def check_files(config: dict[str, Any], specs: dict[str, DatasetSpec]) -> None:
 
     for spec in specs.values():
         need(f"datasets.{spec.name}.mpp_overrides", spec.mpp_overrides, "file", "the mpp override table")
+        if spec.stain_normalization:
+            need(f"datasets.{spec.name}.stain_normalization.target", spec.stain_normalization["target"], "path",
+                 "the stain normalisation target: an H&E image or a folder of patch images")
     embedded = [spec for spec in specs.values() if spec.encoders]
     if embedded:
         evaluation = config["evaluation"]

@@ -77,3 +77,23 @@ def training_inputs(dataset):
     """Tiled inputs that are not held out: their latents train the model."""
     tiled = set(tiled_inputs(dataset))
     return [ident for ident in DATASETS[dataset].training_inputs if ident in tiled]
+
+
+# Stain normalisation (rules/stain.smk): datasets with a `stain_normalization` table are embedded
+# from their normalised patches. tiatoolbox cannot share the main environment, so its rule runs in
+# envs/tiatoolbox.yaml with --use-conda, and otherwise in the virtual environment that
+# `pipeline setup-tiatoolbox` builds on first use (pipeline/stain/environment.py).
+STAINED_DATASETS = [name for name, spec in DATASETS.items() if spec.stain_normalization]
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    STAIN_PIPELINE = PIPELINE
+else:
+    from pipeline.stain.environment import environment_python
+
+    STAIN_PIPELINE = (f"{PIPELINE} setup-tiatoolbox --quiet && "
+                      f"{_PYTHONPATH} {shlex.quote(str(environment_python()))} -m pipeline")
+
+
+def patches_to_embed(dataset, input_id):
+    """The folder the embedding stage reads: the tiled input, or its stain-normalised copy."""
+    stage = "stain" if DATASETS[dataset].stain_normalization else "tiles"
+    return f"{OUT}/{stage}/{dataset}/inputs/{input_id}"

@@ -5,7 +5,7 @@
 
 rule embed_input:
     input:
-        tiles=f"{OUT}/tiles/{{dataset}}/inputs/{{input_id}}",
+        tiles=lambda w: patches_to_embed(w.dataset, w.input_id),  # tiles, or stain-normalised tiles
     output:
         f"{OUT}/embeddings/{{dataset}}/inputs/{{input_id}}/manifest.parquet",
     params:

@@ -102,6 +102,40 @@ rule report_dataset:
         "--large-image-sheet {output.large:q} --metrics-table {output.metrics:q} > {log:q} 2>&1"
 
 
+def first_stained_input(dataset, stage):
+    """The first input of a stain-normalised dataset that kept patches, as its `stage` folder (none: [])."""
+    inputs = tiled_inputs(dataset)
+    return [f"{OUT}/{stage}/{dataset}/inputs/{inputs[0]}"] if inputs else []
+
+
+rule report_stain:
+    input:
+        tiles=lambda w: first_stained_input(w.dataset, "tiles"),
+        stain=lambda w: first_stained_input(w.dataset, "stain"),
+    output:
+        sheet=report(
+            f"{OUT}/report/{{dataset}}/stain.jpg",
+            caption="../report/stain.rst",
+            category="2. Inputs and tissue",
+            subcategory="{dataset}",
+            labels={"item": "stain normalisation: before | after", "dataset": "{dataset}"},
+        ),
+    params:
+        pipeline=PIPELINE,
+        method=lambda w: DATASETS[w.dataset].stain_normalization["method"],
+        target=lambda w: Path(DATASETS[w.dataset].stain_normalization["target"]).name,
+    log:
+        f"{OUT}/logs/report/{{dataset}}.stain.log",
+    conda:
+        "../envs/tiling.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{params.pipeline} stain-sheet --dataset {wildcards.dataset:q} --tiles {input.tiles:q} "
+        "--stain {input.stain:q} --out {output.sheet:q} > {log:q} 2>&1"
+
+
 rule report:
     input:
         expand(f"{OUT}/report/{{dataset}}/{{asset}}", dataset=DATASETS, asset=["slides.html", "thumbnails.jpg"]),
@@ -110,3 +144,4 @@ rule report:
             dataset=EMBEDDED_DATASETS,
             asset=["summary.html", "loss.svg", "sample_pairs.jpg", "large_images.jpg", "metrics.html"],
         ),
+        expand(f"{OUT}/report/{{dataset}}/stain.jpg", dataset=STAINED_DATASETS),

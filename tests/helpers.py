@@ -89,3 +89,24 @@ def run_pipeline_killed(target: str, after_calls: int, args: list[str], **kwargs
     process = run_pipeline_dying(target, after_calls, args, **kwargs)
     assert process.returncode == -9, f"expected a SIGKILL, got {process.returncode}: {process.stderr[-2000:]}"
     return process
+
+
+def write_tiled_input(folder: Path, images: list[tuple[str, np.ndarray]], per_shard: int = 2000,
+                      image_format: str = "png") -> Path:
+    """A folder laid out as tiling writes one input (shards, manifest.parquet) from (key, RGB) pairs."""
+    import json
+
+    import pandas as pd
+
+    from pipeline.io.shards import ShardWriter, encode_image
+
+    folder.mkdir(parents=True)
+    rows = []
+    with ShardWriter(folder, max_count=per_shard) as writer:
+        for index, (key, rgb) in enumerate(images):
+            meta = {"dataset": "test", "source": "real.svs", "col": index, "row": 0, "x": 256 * index, "y": 0}
+            shard = writer.write({"__key__": key, image_format: encode_image(rgb, image_format),
+                                  "json": json.dumps(meta).encode()})
+            rows.append({"key": key, **meta, "shard": shard})
+    pd.DataFrame(rows).to_parquet(folder / "manifest.parquet", index=False)
+    return folder

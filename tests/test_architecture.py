@@ -17,7 +17,14 @@ FORBIDDEN = {
     "training": {"sampling", "evaluation", "reporting"},
     "latents": {"sampling", "training", "evaluation", "reporting"},
     "tiling": {"embedding", "autoencoder", "latents", "training", "sampling", "evaluation", "reporting", "models"},
-    "io": {"tiling", "embedding", "autoencoder", "latents", "training", "sampling", "evaluation", "reporting", "models"},
+    "io": {"tiling", "embedding", "autoencoder", "latents", "training", "sampling", "evaluation", "reporting", "models",
+           "stain", "viewer"},
+    # runs in tiatoolbox's environment, which has no torch: nothing of the torch stages
+    "stain": {"tiling", "embedding", "autoencoder", "latents", "training", "sampling", "evaluation", "reporting",
+              "models"},
+    # reads the stages' files itself (no torch in its env); only the sampling stage's reader may join
+    "viewer": {"tiling", "embedding", "autoencoder", "latents", "training", "evaluation", "reporting", "models",
+               "stain"},
 }
 
 

@@ -49,12 +49,17 @@ PIPELINE_CALL = re.compile(r"(?:\{params\.pipeline\}|\{PIPELINE\}|-m pipeline)\s
 # conda-forge names that differ from the PyPI distribution of the same code.
 CONDA_TO_PYPI = {"pytorch": "torch"}
 # Entries of an env file that are tools, not imports.
-ENV_TOOLS = {"python", "pip"}
+ENV_TOOLS = {"python", "pip", "nodejs"}
 # Imports of optional features, which the code reports as unavailable when the package is absent
 # (a `try/except ImportError` around the import itself is recognised without being listed here).
 OPTIONAL_IMPORTS = {
     "clip": "CLIP features in pipeline/evaluation/extractors.py: skipped with a recorded reason",
 }
+# Environments of tools that cannot share the main one: pinned by their own lock file (every package
+# ==, installed with --no-deps), not by pyproject.toml, and never installed here.
+ISOLATED_ENVS = {"tiatoolbox.yaml": REPO / "envs" / "tiatoolbox-lock.txt"}
+# Packages an isolated env installs in its post-deploy script (from its lock) instead of its yaml.
+POST_DEPLOYED = {"tiatoolbox.yaml": {"tiatoolbox"}}
 
 
 @cache
@@ -239,6 +244,17 @@ def pyproject_requirements() -> dict[str, SpecifierSet]:
     return {canonicalize_name(r.name): r.specifier for r in map(Requirement, texts)}
 
 
+@cache
+def lock_pins(lock_file: Path) -> dict[str, str]:
+    """`name==version` lines of a lock file -> {canonical name: version}."""
+    pins = {}
+    for line in lock_file.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
 def env_file_of(rule: dict) -> Path:
     return (Path(rule["folder"]) / rule["conda"]).resolve()
 
@@ -260,6 +276,8 @@ def test_the_import_graph_sees_lazy_imports():
     assert {"openslide", "rasterio", "PIL", "yaml", "jsonschema", "numpy"} <= set(tiling)
     assert "torch" not in tiling
     assert "torch" in imports_of_subcommand("train") and "lightning" in imports_of_subcommand("train")
+    stain = imports_of_subcommand("stain-input")  # runs in tiatoolbox's env, which has no torch
+    assert "tiatoolbox" in stain and "torch" not in stain, stain
 
 
 @pytest.mark.parametrize("rule", pipeline_rules(), ids=lambda rule: rule["name"])
@@ -268,7 +286,8 @@ def test_rule_env_provides_every_import(rule):
         f"rule {rule['name']} ({rule['folder']}) runs the pipeline but names no `conda:` env")
     env_file = env_file_of(rule)
     assert env_file.is_file(), f"rule {rule['name']}: env file {env_file} does not exist"
-    provided = set(env_packages(env_file))
+    isolated = ISOLATED_ENVS.get(env_file.name)
+    provided = set(lock_pins(isolated)) if isolated else set(env_packages(env_file))
     imports: dict[str, str] = {}
     for subcommand in PIPELINE_CALL.findall(rule["shell"] or ""):
         imports.update(imports_of_subcommand(subcommand))
@@ -281,6 +300,8 @@ def test_rule_env_provides_every_import(rule):
         if name in OPTIONAL_IMPORTS:
             continue
         wanted = distributions.get(name)
+        if not wanted and isolated and canonicalize_name(name) in provided:
+            continue  # the isolated env's own tool (tiatoolbox): never installed here, by design
         assert wanted, (f"rule {rule['name']}: `import {name}` (in {importer}) is not installed here; declare it in "
                         "pyproject.toml, or list it in OPTIONAL_IMPORTS if the code runs without it")
         if not wanted & provided:
@@ -294,6 +315,9 @@ ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
 @pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
 def test_env_pins_agree_with_pyproject(env_file):
     declared = pyproject_requirements()
+    if env_file.name in ISOLATED_ENVS:
+        check_isolated_env(env_file, declared)
+        return
     for name, spec in env_packages(env_file).items():
         if name == "python":
             python = Version(str(next(iter(spec)).version).rstrip(".*"))
@@ -304,6 +328,26 @@ def test_env_pins_agree_with_pyproject(env_file):
             continue
         assert name in declared, f"{env_file.name}: {name} is not a dependency in pyproject.toml"
         assert spec == declared[name], f"{env_file.name}: {name}{spec} but pyproject.toml says {name}{declared[name]}"
+
+
+def check_isolated_env(env_file: Path, declared: dict[str, SpecifierSet]) -> None:
+    """The yaml and its post-deploy script install exactly the lock; the pipeline's own packages in it
+    are within pyproject's ranges (the stage's code runs there too); no torch."""
+    pins = lock_pins(ISOLATED_ENVS[env_file.name])
+    listed = {name: spec for name, spec in env_packages(env_file).items() if name not in ENV_TOOLS}
+    assert set(listed) == set(pins) - POST_DEPLOYED[env_file.name], (
+        f"{env_file.name} and its lock differ: only in the yaml {set(listed) - set(pins)}, only in the lock "
+        f"{set(pins) - POST_DEPLOYED[env_file.name] - set(listed)}")
+    for name, spec in listed.items():
+        assert spec == SpecifierSet(f"=={pins[name]}"), f"{env_file.name}: {name}{spec}, the lock says =={pins[name]}"
+    script = env_file.with_suffix(".post-deploy.sh").read_text()
+    for name in POST_DEPLOYED[env_file.name]:
+        assert f"pip install --no-deps {name}=={pins[name]}" in script, f"{env_file.name}'s post-deploy script: {name}"
+    for name, version in pins.items():
+        if name in declared:
+            assert Version(version) in declared[name], (f"{ISOLATED_ENVS[env_file.name].name}: {name}=={version} is "
+                                                        f"outside pyproject.toml's {name}{declared[name]}")
+    assert "torch" not in pins and "tiatoolbox" not in declared, "tiatoolbox and torch must stay apart"
 
 
 def test_every_env_file_is_used():

@@ -17,7 +17,9 @@ from pipeline.latents.encode import EncodeSettings
 from pipeline.models.autoencoder import AutoencoderSettings
 from pipeline.sampling.config import LargeImageSettings
 from pipeline.sampling.patches import PatchSamplingConfig
+from pipeline.stain.settings import StainSettings
 from pipeline.training.config import TrainConfig
+from pipeline.viewer import ViewerSettings
 
 # (table path in the schema, its dataclass, fields the pipeline derives instead of reading a key)
 STAGES = [
@@ -30,7 +32,11 @@ STAGES = [
     (("sampling",), PatchSamplingConfig, {"seed"}),
     (("large_image",), LargeImageSettings, set()),
     (("evaluation",), EvaluationSettings, set()),
+    (("datasets", "*", "stain_normalization"), StainSettings, set()),
+    (("viewer",), ViewerSettings, set()),
 ]
+# Keys a table must give (the schema's `required`): no default on either side; example values.
+REQUIRED_VALUES = {"method": "macenko", "target": "/data/target.png"}
 # datasets.<name>: resolved by pipeline.config.resolve_datasets (paths, magnifications, holdout).
 DATASET_FIELDS = {"resolution": "target_mpp", "holdout": None}  # schema key -> DatasetSpec field
 DATASET_DERIVED = {"name", "inputs", "target_mpp", "holdout_inputs", "holdout_fraction"}
@@ -41,8 +47,11 @@ def table_schema(path: tuple[str, ...]) -> dict:
     node = schema
     for key in path:
         node = node["additionalProperties"] if key == "*" else node["properties"][key]
-        while "$ref" in node:
-            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        while "$ref" in node or "anyOf" in node:
+            if "anyOf" in node:  # a table that may be null: the table
+                (node,) = [branch for branch in node["anyOf"] if branch.get("type") != "null"]
+            else:
+                node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
     return node
 
 
@@ -63,12 +72,17 @@ def dataclass_defaults(cls) -> dict:
 
 @pytest.mark.parametrize("path, cls, derived", STAGES, ids=[".".join(s[0]) for s in STAGES])
 def test_schema_defaults_are_the_dataclass_defaults(path, cls, derived):
-    properties = table_schema(path)["properties"]
+    table = table_schema(path)
+    properties = table["properties"]
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(properties) == fields - derived, f"keys only in the schema: {set(properties) - fields}, only in " \
                                                 f"{cls.__name__}: {fields - derived - set(properties)}"
     defaults = dataclass_defaults(cls)
+    for key in table.get("required", []):
+        assert key not in defaults and "default" not in properties[key], f"{'.'.join(path)}.{key} is required: no default"
     for key, prop in properties.items():
+        if key in table.get("required", []):
+            continue
         if prop.get("type") == "object" and "properties" in prop:  # a nested table: its own entry
             assert plain(defaults[key]) == {k: v["default"] for k, v in prop["properties"].items()}
             continue
@@ -96,6 +110,7 @@ def test_the_helper_builds_every_stage_and_names_an_unknown_key(path, cls, deriv
     key = ".".join(path).replace("*", "hipt_vit_s16")
     needed = {name: value for name, value in {"embedding_key": "hipt_vit_s16", "patch_embed_dim": 384,
                                               "holdout_fraction": 0.0, "seed": 0, "in_channels": 3}.items() if name in derived}
+    needed.update({name: REQUIRED_VALUES[name] for name in table_schema(path).get("required", [])})
     assert settings_from_table(cls, {}, key, **needed) == cls(**needed)
     with pytest.raises(ConfigError, match=rf"{key}: unknown setting\(s\) batchsize"):
         settings_from_table(cls, {"batchsize": 3}, key, **needed)

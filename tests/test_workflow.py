@@ -37,8 +37,9 @@ def test_dry_run_lists_the_stages(tmp_path):
     # embed_input and latents_input jobs exist only for inputs that kept patches: they are planned
     # once the tile_dataset checkpoint has run.
     assert "DAG of jobs will be updated after completion" in result.stdout
-    for rule in ("tile_input", "tile_dataset", "embed_dataset", "train_autoencoder", "train_dataset", "export_model", "sample_dataset",
-                 "large_image_dataset", "evaluate_dataset", "report_tiling", "report_dataset", "all"):
+    for rule in ("tile_input", "tile_dataset", "embed_dataset", "train_autoencoder", "train_dataset", "export_model",
+                 "sample_dataset", "large_image_dataset", "evaluate_dataset", "report_tiling", "report_dataset",
+                 "viewer_site", "all"):
         assert rule in result.stdout
     targeted = run_snakemake("-n", "--cores", "1", "tile")
     assert targeted.returncode == 0 and "tile_dataset" in targeted.stdout
@@ -103,8 +104,8 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     config["evaluation"].update(device="cpu", num_workers=0)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
-                           "--directory", str(tmp_path), "autoencoder", "train", "embed", "sample", "large_image", "evaluate",
-                           "report")
+                           "--directory", str(tmp_path), "autoencoder", "train", "embed", "sample", "large_image",
+                           "evaluate", "report", "viewer")
     assert result.returncode == 0, result.stderr[-3000:]
     tiles = pd.read_parquet(tmp_path / "out/tiles/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
     embedded = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
@@ -156,6 +157,13 @@ def test_demo_chain_runs_through_sampling(tmp_path):
         with openslide.OpenSlide(tmp_path / "out/large_images/demo_he_20x" / tif) as slide:
             assert slide.dimensions == (512, 512) and float(slide.properties["openslide.mpp-x"]) == 0.5
 
+    # the viewer: a page per region, with both pyramids to full resolution (512 px: level 9)
+    viewer = (tmp_path / "out/viewer/index.html").read_text()
+    for region in large.region:
+        assert f'href="demo_he_20x/{region}/index.html"' in viewer
+        for image in ("generated", "reference"):
+            assert (tmp_path / f"out/viewer/demo_he_20x/{region}/{image}_files/9/2_2.jpeg").is_file()
+
     # evaluation: the demo's random HIPT encoder as feature extractor, so fd_/kd_ names, never fid
     metrics = json.loads((tmp_path / "out/evaluation/demo_he_20x/metrics.json").read_text())
     by_name = {m["name"]: m for m in metrics["metrics"]}
@@ -178,6 +186,7 @@ def test_demo_chain_runs_through_sampling(tmp_path):
                      "5. Large images", "6. Metrics",  # categories
                      "summary.html", "slides.html", "thumbnails.jpg", "loss.svg", "sample_pairs.jpg",
                      "large_images.jpg", "metrics.html",  # assets
+                     "Deep-zoom viewer", "out/viewer/index.html",  # the link to the viewer
                      "Demo run: random weights", "Overview of dataset", "Inputs of dataset", "Tissue-mask thumbnails",
                      "Training loss of the latent diffusion model", "on the right the patch the model generated",
                      "Large images of", "Evaluation metrics of", "Random weights (demo)"):  # captions
@@ -252,3 +261,32 @@ def test_an_input_without_patches_gets_no_embedding_job(tmp_path):
     assert plan.returncode == 0, plan.stderr[-3000:]
     jobs = re.findall(r"embed-input --tiles \S*?/inputs/([\w-]+)", plan.stdout)
     assert jobs == ["cmu_small_region"]  # not `gone`, which tiling recorded as not_found
+
+
+@pytest.mark.stain
+def test_stain_normalisation_feeds_the_embedding(tmp_path, shared_data):
+    """With `stain_normalization` on, the demo slide is tiled, normalised in tiatoolbox's own
+    environment (the rule builds it on first use) and embedded from the normalised patches; the
+    report's before | after sheet is built."""
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    dataset = config["datasets"]["demo_he_20x"]
+    dataset.update(inputs=[str(DEMO_SLIDE)], tissue_threshold=0.9, stain_normalization={
+        "method": "macenko", "target": str(shared_data / "he_images" / "tiatoolbox_target_image.png")})
+    config["embedding"].update(device="cpu", num_workers=0)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    args = ("--cores", "2", "--configfile", str(tmp_path / "config.yaml"), "--directory", str(tmp_path))
+    result = run_snakemake("embed", "results/report/demo_he_20x/stain.jpg", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "results"
+    tiles, stain = out / "tiles/demo_he_20x/inputs/cmu_small_region", out / "stain/demo_he_20x/inputs/cmu_small_region"
+    status = json.loads((stain / "stain.json").read_text())
+    assert status["method"] == "macenko" and status["normalized"] + sum(status["passed_through"].values()) == \
+        status["patch_count"] == len(read_shards(tiles)) > 0
+    embedded = read_shards(out / "embeddings/demo_he_20x/inputs/cmu_small_region")
+    for tiled, normalised, sample in zip(read_shards(tiles), read_shards(stain), embedded):
+        assert tiled["__key__"] == normalised["__key__"] == sample["__key__"]
+        assert sample["jpg"] == normalised["jpg"]  # what was embedded: the normalised patch
+        assert (sample["jpg"] != tiled["jpg"]) == json.loads(sample["json"])["stain"]["normalized"]
+    assert "hipt_vit_s16.npy" in embedded[0]
+    assert (out / "report/demo_he_20x/stain.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    assert "patches, " in (out / "logs/stain/demo_he_20x/cmu_small_region.log").read_text()

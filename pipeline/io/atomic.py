@@ -47,16 +47,22 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     temp.mkdir()
     try:
         yield temp
-        if final.exists():
-            # A folder cannot be replaced in one rename: move the old one aside first.
-            old = temp_sibling(final)
-            os.replace(final, old)
-            os.replace(temp, final)
-            remove_path(old)
-        else:
-            os.replace(temp, final)
+        move_dir_into_place(temp, final)
     finally:
         remove_path(temp)
+
+
+def move_dir_into_place(folder: str | Path, final: str | Path) -> None:
+    """Rename a complete folder (in the same parent) to ``final``, replacing whatever is there."""
+    folder, final = Path(folder), Path(final)
+    if final.exists():
+        # A folder cannot be replaced in one rename: move the old one aside first.
+        old = temp_sibling(final)
+        os.replace(final, old)
+        os.replace(folder, final)
+        remove_path(old)
+    else:
+        os.replace(folder, final)
 
 
 def write_bytes_atomic(final: str | Path, data: bytes) -> None:

@@ -35,9 +35,10 @@ def fit(image: Image.Image, max_side: int) -> Image.Image:
     return image
 
 
-def pair_sheet(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], per_row: int = 4, side: int = 256) -> Image.Image:
+def pair_sheet(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], per_row: int = 4, side: int = 256,
+               labels: tuple[str, str] = ("real", "generated")) -> Image.Image:
     """(real, generated, name) triples as real | generated pairs side by side, `per_row` pairs to a
-    row, labelled "real" and "generated" above and with the name below; images fitted to `side`."""
+    row, labelled `labels` above and with the name below; images fitted to `side`."""
     gap, label_height = 12, 22
     cell = 2 * side + 4
     columns = max(1, min(per_row, len(pairs)))
@@ -49,8 +50,8 @@ def pair_sheet(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], per_row: int
     for number, (real, generated, name) in enumerate(pairs):
         left = gap + (number % columns) * (cell + gap)
         top = gap + (number // columns) * (side + 2 * label_height + gap)
-        draw.text((left + 2, top + 2), "real", fill=(20, 20, 20), font=small)
-        draw.text((left + side + 6, top + 2), "generated", fill=BLUE, font=small)
+        draw.text((left + 2, top + 2), labels[0], fill=(20, 20, 20), font=small)
+        draw.text((left + side + 6, top + 2), labels[1], fill=BLUE, font=small)
         for offset, image in ((0, real), (side + 4, generated)):
             grid.paste(fit(Image.fromarray(image), side), (left + offset, top + label_height))
         draw.text((left + 2, top + label_height + side + 3), name[:60], fill=(90, 90, 90), font=small)
