@@ -194,6 +194,9 @@ def input_id(path: Path) -> str:
     return cleaned or "input"
 
 
+RGB_BANDS = 3  # slides' patches, and the preview every image has: the first three bands
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     """One dataset after validation: everything a stage needs, as plain data."""
@@ -220,6 +223,11 @@ class DatasetSpec:
     # The validated `stain_normalization` table (target made absolute), or None: off. Plain data:
     # the stain stage builds its settings from it (pipeline.stain.settings).
     stain_normalization: dict[str, Any] | None = None
+
+    @property
+    def band_count(self) -> int:
+        """Bands of the dataset's patches: 3 (RGB) for slides, the configured bands for aerial images."""
+        return len(self.bands) if self.kind == "aerial" else RGB_BANDS
 
     @property
     def training_inputs(self) -> list[str]:
@@ -319,6 +327,9 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
             holdout_fraction=float(ds["holdout"]["fraction"]),
             stain_normalization=stain_table(ds, base_dir, name),
         )
+        if specs[name].band_count > RGB_BANDS and ds["image_format"] != "tif":
+            raise ConfigError(f"datasets.{name}.image_format: {ds['image_format']} holds {RGB_BANDS} bands, but "
+                              f"bands {list(ds['bands'])} are {specs[name].band_count}; set image_format: tif")
         if not specs[name].training_inputs:
             raise ConfigError(f"datasets.{name}.holdout.inputs: every input is held out, nothing is left to train on")
         for encoder in ds["encoders"]:
@@ -419,6 +430,7 @@ def check_files(config: dict[str, Any], specs: dict[str, DatasetSpec]) -> None:
         need("evaluation.inception_weights", evaluation["inception_weights"], "file", "clean-fid's Inception network")
         need("evaluation.clip_weights", evaluation["clip_weights"], "file", "CLIP ViT-B/32")
         problems += latent_shape_problems(config, embedded)
+        problems += band_problems(config, embedded, specs)
     if problems:
         raise ConfigError("invalid workflow configuration:\n" + "\n".join(f"  {p}" for p in problems))
 
@@ -438,6 +450,23 @@ def latents_made(config: dict[str, Any]) -> tuple[int, int, str] | None:
         f, c = RANDOM_PRESET_SHAPES[autoencoder["preset"]]
         return f, c, f"latents.autoencoder.preset {autoencoder['preset']}"
     return None
+
+
+def band_problems(config: dict[str, Any], embedded: list[DatasetSpec], specs: dict[str, DatasetSpec]) -> list[str]:
+    """Each embedded dataset's bands against the autoencoder's input channels, where the config alone
+    tells them: a trained one takes its dataset's bands, a random preset RGB (weights read from
+    files are checked by the latents stage)."""
+    autoencoder = config["latents"]["autoencoder"]
+    if autoencoder["kind"] == "trained" and not autoencoder["path"] and autoencoder["dataset"] in specs:
+        trained_on = specs[autoencoder["dataset"]]
+        in_channels, what = trained_on.band_count, f"trained on datasets.{trained_on.name}"
+    elif autoencoder["kind"] == "random" and autoencoder["preset"] in RANDOM_PRESET_SHAPES:
+        in_channels, what = RGB_BANDS, f"latents.autoencoder.preset {autoencoder['preset']}"
+    else:
+        return []
+    return [f"datasets.{spec.name}.bands: its patches have {spec.band_count} bands, but the autoencoder ({what}) "
+            f"takes {in_channels} channels; one latents.autoencoder serves every dataset, so their bands must agree"
+            for spec in embedded if spec.band_count != in_channels]
 
 
 def latent_shape_problems(config: dict[str, Any], specs: list[DatasetSpec]) -> list[str]:
