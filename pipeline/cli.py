@@ -104,9 +104,8 @@ def _train_autoencoder(args: argparse.Namespace) -> int:
     from pipeline.io.lightning_run import ProgressLines
 
     spec = DatasetSpec.from_json(args.spec)
-    bands = 3 if spec.kind == "wsi" else len(spec.bands)
     settings = settings_from_table(AutoencoderTrainSettings, _table(args.settings), "autoencoder",
-                                   in_channels=bands, seed=args.seed)
+                                   in_channels=spec.band_count, seed=args.seed)
     every = args.progress_every or max(1, settings.max_steps // 20)
     record = train_autoencoder(args.tiles, args.out, settings, dataset=spec.name, holdout_inputs=spec.holdout_inputs,
                                holdout_fraction=spec.holdout_fraction,
@@ -188,7 +187,7 @@ def _large_image(args: argparse.Namespace) -> int:
     _join_process_group()
     manifest = generate_large_images(args.model, args.embeddings, args.out, dataset=spec.name, kind=spec.kind,
                                      mpp=spec.target_mpp, holdout_inputs=spec.holdout_inputs, settings=settings,
-                                     seed=args.seed)
+                                     seed=args.seed, source_bands=spec.bands if spec.kind == "aerial" else ())
     for row in manifest.itertuples():
         print(f"{args.out}/{row.region}: {row.width}x{row.height} px from {row.input_id} at col {row.col}, "
               f"row {row.row}; {row.unet_evaluations} UNet evaluations, seam score {row.seam_score:.3f}")

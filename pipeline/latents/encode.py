@@ -119,8 +119,8 @@ def encode_shard(source: Path, target: Path, autoencoder: Autoencoder, settings:
     """Encode one embedding shard into ``target`` (atomic). Returns the number of samples."""
     samples = read_shard(source)
     if samples:
-        check_bands(PatchImages(samples), autoencoder, source)
-    latents = encode_images(autoencoder, PatchImages(samples), settings) if samples else {}
+        check_bands(PatchImages(samples, all_bands=True), autoencoder, source)
+    latents = encode_images(autoencoder, PatchImages(samples, all_bands=True), settings) if samples else {}
     record = latent_record(autoencoder, settings)
     out = []
     for index, sample in enumerate(samples):
