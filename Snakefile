@@ -1,7 +1,7 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
 #   snakemake --cores N            every stage, report assets included
-#   snakemake --cores N tile       one stage (targets: tile, stain, embed, latents, train, sample, large_image,
-#                                  evaluate, report, viewer)
+#   snakemake --cores N tile       one stage (targets: tile, stain, embed, autoencoder, latents, train,
+#                                  sample, large_image, evaluate, report, viewer)
 #   snakemake --report report.html the report: one self-contained HTML file (after the run)
 #   results/viewer/index.html      the deep-zoom viewer of the large images (open it in a browser)
 # Configuration: validated against pipeline/schemas/workflow_config.schema.yaml, which holds every
@@ -31,6 +31,7 @@ wildcard_constraints:
 include: "rules/tile.smk"
 include: "rules/stain.smk"
 include: "rules/embed.smk"
+include: "rules/autoencoder.smk"
 include: "rules/latents.smk"
 include: "rules/train.smk"
 include: "rules/sample.smk"

@@ -98,6 +98,26 @@ def _encode_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_autoencoder(args: argparse.Namespace) -> int:
+    from pipeline.autoencoder.run import train_autoencoder
+    from pipeline.autoencoder.settings import AutoencoderTrainSettings
+    from pipeline.io.lightning_run import ProgressLines
+
+    spec = DatasetSpec.from_json(args.spec)
+    settings = settings_from_table(AutoencoderTrainSettings, _table(args.settings), "autoencoder",
+                                   in_channels=spec.band_count, seed=args.seed)
+    every = args.progress_every or max(1, settings.max_steps // 20)
+    record = train_autoencoder(args.tiles, args.out, settings, dataset=spec.name, holdout_inputs=spec.holdout_inputs,
+                               holdout_fraction=spec.holdout_fraction,
+                               callbacks=[ProgressLines(f"autoencoder {spec.name}", settings.max_steps, every)])
+    verdict = "beats" if record["beats_bicubic"] else "does NOT beat"
+    print(f"{args.out}: {record['kind']} autoencoder, {record['steps']} steps on {record['train_patches']} patches; "
+          f"held-out ({record['heldout_patches']} patches) PSNR {record['psnr_ae']:.2f} dB, SSIM {record['ssim_ae']:.3f} "
+          f"(untrained {record['psnr_untrained']:.2f} dB; bicubic at the same latent size {record['psnr_bicubic']:.2f} dB, "
+          f"SSIM {record['ssim_bicubic']:.3f}: it {verdict} bicubic)")
+    return 0
+
+
 def training_config(table: dict, embedding_key: str, holdout_fraction: float = 0.0, seed: int | None = None):
     """The run's TrainConfig: the config's `training:` table plus what the dataset and the run imply."""
     from pipeline.embedding.encoders import get_spec
@@ -167,7 +187,7 @@ def _large_image(args: argparse.Namespace) -> int:
     _join_process_group()
     manifest = generate_large_images(args.model, args.embeddings, args.out, dataset=spec.name, kind=spec.kind,
                                      mpp=spec.target_mpp, holdout_inputs=spec.holdout_inputs, settings=settings,
-                                     seed=args.seed)
+                                     seed=args.seed, source_bands=spec.bands if spec.kind == "aerial" else ())
     for row in manifest.itertuples():
         print(f"{args.out}/{row.region}: {row.width}x{row.height} px from {row.input_id} at col {row.col}, "
               f"row {row.row}; {row.unet_evaluations} UNet evaluations, seam score {row.seam_score:.3f}")
@@ -326,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (shards, then manifest.parquet)")
     p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="latents") + ", autoencoder included")
     p.set_defaults(func=_encode_latents)
+
+    p = sub.add_parser("train-autoencoder", help="train (or continue) the first-stage autoencoder on a dataset's patches")
+    p.add_argument("--tiles", required=True, help="the dataset's tiling folder OUT/tiles/<dataset>")
+    p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json): bands, holdout")
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="autoencoder"))
+    p.add_argument("--seed", type=int, default=schema_default("seed"), help="the config's top-level seed")
+    p.add_argument("--progress-every", type=int, help="steps between progress lines on stdout (default: 1/20 of the run)")
+    p.add_argument("--out", required=True, help="OUT/autoencoder/<dataset>: model/, metrics.json (last), checkpoints/")
+    p.set_defaults(func=_train_autoencoder)
 
     p = sub.add_parser("train", help="train (or continue) a latent diffusion model on latent shards")
     p.add_argument("--run", required=True, help="run folder: checkpoints/, logs; a re-run continues from last.ckpt")

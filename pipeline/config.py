@@ -194,6 +194,9 @@ def input_id(path: Path) -> str:
     return cleaned or "input"
 
 
+RGB_BANDS = 3  # slides' patches, and the preview every image has: the first three bands
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     """One dataset after validation: everything a stage needs, as plain data."""
@@ -220,6 +223,11 @@ class DatasetSpec:
     # The validated `stain_normalization` table (target made absolute), or None: off. Plain data:
     # the stain stage builds its settings from it (pipeline.stain.settings).
     stain_normalization: dict[str, Any] | None = None
+
+    @property
+    def band_count(self) -> int:
+        """Bands of the dataset's patches: 3 (RGB) for slides, the configured bands for aerial images."""
+        return len(self.bands) if self.kind == "aerial" else RGB_BANDS
 
     @property
     def training_inputs(self) -> list[str]:
@@ -319,6 +327,9 @@ def resolve_datasets(config: dict[str, Any], base_dir: Path) -> dict[str, Datase
             holdout_fraction=float(ds["holdout"]["fraction"]),
             stain_normalization=stain_table(ds, base_dir, name),
         )
+        if specs[name].band_count > RGB_BANDS and ds["image_format"] != "tif":
+            raise ConfigError(f"datasets.{name}.image_format: {ds['image_format']} holds {RGB_BANDS} bands, but "
+                              f"bands {list(ds['bands'])} are {specs[name].band_count}; set image_format: tif")
         if not specs[name].training_inputs:
             raise ConfigError(f"datasets.{name}.holdout.inputs: every input is held out, nothing is left to train on")
         for encoder in ds["encoders"]:
@@ -405,6 +416,11 @@ def check_files(config: dict[str, Any], specs: dict[str, DatasetSpec]) -> None:
             if not autoencoder["allow_random_weights"]:
                 problems.append("latents.autoencoder.kind: 'random' gives latents that mean nothing; set "
                                 "latents.autoencoder.allow_random_weights: true for a demo, or give real weights")
+        elif autoencoder["kind"] == "trained" and not autoencoder["path"]:
+            if autoencoder["dataset"] not in specs:
+                problems.append(f"latents.autoencoder.dataset: kind 'trained' needs the dataset whose patches train "
+                                f"it (one of {', '.join(specs)}), or the path of a trained autoencoder; got "
+                                f"{autoencoder['dataset']!r}")
         elif not autoencoder["path"]:
             problems.append(f"latents.autoencoder.path: kind {autoencoder['kind']!r} needs the path of its weights "
                             "(lid: a LID release folder; compvis-vq: a CompVis first-stage model.ckpt; kl: a "
@@ -413,8 +429,72 @@ def check_files(config: dict[str, Any], specs: dict[str, DatasetSpec]) -> None:
         need("training.init_from", config["training"]["init_from"], "dir", "the LID release to start from")
         need("evaluation.inception_weights", evaluation["inception_weights"], "file", "clean-fid's Inception network")
         need("evaluation.clip_weights", evaluation["clip_weights"], "file", "CLIP ViT-B/32")
+        problems += latent_shape_problems(config, embedded)
+        problems += band_problems(config, embedded, specs)
     if problems:
         raise ConfigError("invalid workflow configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+# Downsampling factor and latent channels of the random presets (pipeline.models.autoencoder.RANDOM_PRESETS).
+RANDOM_PRESET_SHAPES = {"tiny-vq-f4": (4, 3), "tiny-vq-f8": (8, 3), "tiny-vq-f16": (16, 3)}
+
+
+def latents_made(config: dict[str, Any]) -> tuple[int, int, str] | None:
+    """(downsampling factor, latent channels, what says so) of the configured autoencoder, where the
+    config alone tells (the trained and random kinds); None for weights read from files."""
+    autoencoder = config["latents"]["autoencoder"]
+    if autoencoder["kind"] == "trained" and not autoencoder["path"]:
+        table = config["autoencoder"]
+        return int(table["downsampling"]), int(table["latent_channels"]), "the `autoencoder:` table"
+    if autoencoder["kind"] == "random" and autoencoder["preset"] in RANDOM_PRESET_SHAPES:
+        f, c = RANDOM_PRESET_SHAPES[autoencoder["preset"]]
+        return f, c, f"latents.autoencoder.preset {autoencoder['preset']}"
+    return None
+
+
+def band_problems(config: dict[str, Any], embedded: list[DatasetSpec], specs: dict[str, DatasetSpec]) -> list[str]:
+    """Each embedded dataset's bands against the autoencoder's input channels, where the config alone
+    tells them: a trained one takes its dataset's bands, a random preset RGB (weights read from
+    files are checked by the latents stage)."""
+    autoencoder = config["latents"]["autoencoder"]
+    if autoencoder["kind"] == "trained" and not autoencoder["path"] and autoencoder["dataset"] in specs:
+        trained_on = specs[autoencoder["dataset"]]
+        in_channels, what = trained_on.band_count, f"trained on datasets.{trained_on.name}"
+    elif autoencoder["kind"] == "random" and autoencoder["preset"] in RANDOM_PRESET_SHAPES:
+        in_channels, what = RGB_BANDS, f"latents.autoencoder.preset {autoencoder['preset']}"
+    else:
+        return []
+    return [f"datasets.{spec.name}.bands: its patches have {spec.band_count} bands, but the autoencoder ({what}) "
+            f"takes {in_channels} channels; one latents.autoencoder serves every dataset, so their bands must agree"
+            for spec in embedded if spec.band_count != in_channels]
+
+
+def latent_shape_problems(config: dict[str, Any], specs: list[DatasetSpec]) -> list[str]:
+    """The UNet's latent size and channels against what the autoencoder makes of each dataset's patches."""
+    made = latents_made(config)
+    if made is None or config["training"]["init_from"]:
+        return []
+    f, channels, source = made
+    training, problems = config["training"], []
+    for spec in specs:
+        side = spec.patch_size // f
+        if side != training["latent_size"]:
+            problems.append(f"training.latent_size: {training['latent_size']}, but the autoencoder makes {side}x{side} "
+                            f"latents of datasets.{spec.name}'s {spec.patch_size} px patches (f{f}, {source}); "
+                            f"set training.latent_size: {side}")
+    if channels != training["latent_channels"]:
+        problems.append(f"training.latent_channels: {training['latent_channels']}, but the autoencoder makes "
+                        f"{channels}-channel latents ({source})")
+    return problems
+
+
+def autoencoder_table(config: dict[str, Any]) -> dict[str, Any]:
+    """`latents.autoencoder` as the stages get it: kind 'trained' with only a `dataset` points at that
+    dataset's autoencoder stage folder, OUT/autoencoder/<dataset>."""
+    table = dict(config["latents"]["autoencoder"])
+    if table["kind"] == "trained" and not table["path"] and table["dataset"]:
+        table["path"] = str(Path(config["output_dir"]) / "autoencoder" / table["dataset"])
+    return table
 
 
 def prepare_config(config: dict[str, Any], base_dir: Path) -> dict[str, DatasetSpec]:

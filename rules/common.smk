@@ -9,7 +9,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the pipeline package lives next to this Snakefile
 
-from pipeline.config import prepare_config, schema_path
+from pipeline.config import autoencoder_table, prepare_config, schema_path
 
 # Relative paths in a config are relative to its file's folder (the demo's: this repository).
 CONFIG_DIR = workflow.config_settings.configfiles[-1].parent if workflow.config_settings.configfiles else Path(workflow.basedir)
@@ -18,6 +18,17 @@ validate(config, str(schema_path()))
 OUT = config["output_dir"]
 # Datasets that list at least one encoder go through the embedding and later stages.
 EMBEDDED_DATASETS = [name for name, spec in DATASETS.items() if spec.encoders]
+# latents.autoencoder as the stages get it (kind trained: the path of its dataset's autoencoder stage).
+AUTOENCODER = autoencoder_table(config)
+# The dataset whose autoencoder stage the latents use; the `autoencoder` target trains every
+# embedded dataset's when none is used.
+TRAINED_AUTOENCODER = config["latents"]["autoencoder"]["dataset"] if AUTOENCODER["kind"] == "trained" and not config["latents"]["autoencoder"]["path"] else None
+AUTOENCODER_DATASETS = [TRAINED_AUTOENCODER] if TRAINED_AUTOENCODER else EMBEDDED_DATASETS
+
+
+def autoencoder_input():
+    """The trained autoencoder's finished stage, where the latents and the export use it."""
+    return [f"{OUT}/autoencoder/{TRAINED_AUTOENCODER}/metrics.json"] if TRAINED_AUTOENCODER else []
 
 from pipeline.reporting import random_weight_models
 

@@ -5,13 +5,14 @@
 rule latents_input:
     input:
         embeddings=f"{OUT}/embeddings/{{dataset}}/inputs/{{input_id}}/manifest.parquet",
+        autoencoder=autoencoder_input(),
     output:
         f"{OUT}/latents/{{dataset}}/inputs/{{input_id}}/manifest.parquet",
     params:
         pipeline=PIPELINE,
         embeddings=lambda w, input: str(Path(input.embeddings).parent),
         out_dir=lambda w, output: str(Path(output[0]).parent),
-        settings=json.dumps(config["latents"], sort_keys=True),
+        settings=json.dumps({**config["latents"], "autoencoder": AUTOENCODER}, sort_keys=True),
     log:
         f"{OUT}/logs/latents/{{dataset}}/{{input_id}}.log",
     conda:

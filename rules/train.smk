@@ -37,13 +37,14 @@ rule train_dataset:
 
 rule export_model:
     input:
-        f"{OUT}/training/{{dataset}}/done.json",
+        done=f"{OUT}/training/{{dataset}}/done.json",
+        autoencoder=autoencoder_input(),
     output:
         directory(f"{OUT}/models/{{dataset}}"),
     params:
         pipeline=PIPELINE,
-        run=lambda w, input: str(Path(input[0]).parent),
-        autoencoder=json.dumps(config["latents"]["autoencoder"], sort_keys=True),
+        run=lambda w, input: str(Path(input.done).parent),
+        autoencoder=json.dumps(AUTOENCODER, sort_keys=True),
     log:
         f"{OUT}/logs/train/{{dataset}}.export.log",
     conda:

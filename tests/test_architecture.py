@@ -12,15 +12,19 @@ PACKAGE = REPO / "pipeline"
 # package -> packages it must never import (directly, lazily or not)
 FORBIDDEN = {
     "sampling": {"training", "latents", "reporting"},
-    "models": {"sampling", "training", "latents", "evaluation", "reporting", "tiling"},
+    "models": {"sampling", "training", "latents", "evaluation", "reporting", "tiling", "autoencoder"},
+    "autoencoder": {"embedding", "latents", "training", "sampling", "evaluation", "reporting"},
     "training": {"sampling", "evaluation", "reporting"},
     "latents": {"sampling", "training", "evaluation", "reporting"},
-    "tiling": {"embedding", "latents", "training", "sampling", "evaluation", "reporting", "models"},
-    "io": {"tiling", "embedding", "latents", "training", "sampling", "evaluation", "reporting", "models", "stain", "viewer"},
+    "tiling": {"embedding", "autoencoder", "latents", "training", "sampling", "evaluation", "reporting", "models"},
+    "io": {"tiling", "embedding", "autoencoder", "latents", "training", "sampling", "evaluation", "reporting", "models",
+           "stain", "viewer"},
     # runs in tiatoolbox's environment, which has no torch: nothing of the torch stages
-    "stain": {"tiling", "embedding", "latents", "training", "sampling", "evaluation", "reporting", "models"},
+    "stain": {"tiling", "embedding", "autoencoder", "latents", "training", "sampling", "evaluation", "reporting",
+              "models"},
     # reads the stages' files itself (no torch in its env); only the sampling stage's reader may join
-    "viewer": {"tiling", "embedding", "latents", "training", "evaluation", "reporting", "models", "stain"},
+    "viewer": {"tiling", "embedding", "autoencoder", "latents", "training", "evaluation", "reporting", "models",
+               "stain"},
 }
 
 

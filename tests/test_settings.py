@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 
+from pipeline.autoencoder.settings import AutoencoderTrainSettings
 from pipeline.config import ConfigError, DatasetSpec, load_schema, settings_from_table
 from pipeline.embedding.encoders import EncoderSettings
 from pipeline.embedding.extract import EmbeddingSettings
@@ -26,6 +27,7 @@ STAGES = [
     (("embedding",), EmbeddingSettings, set()),
     (("latents",), EncodeSettings, set()),
     (("latents", "autoencoder"), AutoencoderSettings, set()),
+    (("autoencoder",), AutoencoderTrainSettings, {"in_channels", "seed"}),
     (("training",), TrainConfig, {"embedding_key", "patch_embed_dim", "holdout_fraction", "seed"}),
     (("sampling",), PatchSamplingConfig, {"seed"}),
     (("large_image",), LargeImageSettings, set()),
@@ -107,7 +109,7 @@ def test_dataset_defaults_are_the_spec_defaults():
 def test_the_helper_builds_every_stage_and_names_an_unknown_key(path, cls, derived):
     key = ".".join(path).replace("*", "hipt_vit_s16")
     needed = {name: value for name, value in {"embedding_key": "hipt_vit_s16", "patch_embed_dim": 384,
-                                              "holdout_fraction": 0.0, "seed": 0}.items() if name in derived}
+                                              "holdout_fraction": 0.0, "seed": 0, "in_channels": 3}.items() if name in derived}
     needed.update({name: REQUIRED_VALUES[name] for name in table_schema(path).get("required", [])})
     assert settings_from_table(cls, {}, key, **needed) == cls(**needed)
     with pytest.raises(ConfigError, match=rf"{key}: unknown setting\(s\) batchsize"):

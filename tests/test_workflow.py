@@ -37,8 +37,9 @@ def test_dry_run_lists_the_stages(tmp_path):
     # embed_input and latents_input jobs exist only for inputs that kept patches: they are planned
     # once the tile_dataset checkpoint has run.
     assert "DAG of jobs will be updated after completion" in result.stdout
-    for rule in ("tile_input", "tile_dataset", "embed_dataset", "train_dataset", "export_model", "sample_dataset",
-                 "large_image_dataset", "evaluate_dataset", "report_tiling", "report_dataset", "viewer_site", "all"):
+    for rule in ("tile_input", "tile_dataset", "embed_dataset", "train_autoencoder", "train_dataset", "export_model",
+                 "sample_dataset", "large_image_dataset", "evaluate_dataset", "report_tiling", "report_dataset",
+                 "viewer_site", "all"):
         assert rule in result.stdout
     targeted = run_snakemake("-n", "--cores", "1", "tile")
     assert targeted.returncode == 0 and "tile_dataset" in targeted.stdout
@@ -97,13 +98,14 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     config["embedding"].update(device="cpu", num_workers=0)
     config["latents"].update(device="cpu", num_workers=0)
     config["training"].update(max_steps=12, checkpoint_every=6, log_every=3)
+    config["autoencoder"].update(max_steps=20, checkpoint_every=10, log_every=5)
     config["sampling"].update(steps=4, device="cpu")
     config["large_image"].update(k=2, regions=2, steps=4, device="cpu")
     config["evaluation"].update(device="cpu", num_workers=0)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
-                           "--directory", str(tmp_path), "train", "embed", "sample", "large_image", "evaluate",
-                           "report", "viewer")
+                           "--directory", str(tmp_path), "autoencoder", "train", "embed", "sample", "large_image",
+                           "evaluate", "report", "viewer")
     assert result.returncode == 0, result.stderr[-3000:]
     tiles = pd.read_parquet(tmp_path / "out/tiles/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
     embedded = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
@@ -119,12 +121,20 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     model = load_pipeline(tmp_path / "out/models/demo_he_20x")
     record = json.loads((tmp_path / "out/models/demo_he_20x/model_index.json").read_text())
     assert record["provenance"]["training"]["global_step"] == 12 and record["embedding_key"] == "hipt_vit_s16"
-    assert record["provenance"]["autoencoder"]["random_weights"] is True
+    # the demo's autoencoder is trained on its patches: recorded as such, no longer a random part
+    autoencoder = record["provenance"]["autoencoder"]
+    assert autoencoder["random_weights"] is False and autoencoder["kind"] == "kl"
+    assert autoencoder["trained"] == {**autoencoder["trained"], "dataset": "demo_he_20x", "steps": 20}
+    from pipeline.autoencoder import read_autoencoder_metrics
+
+    metrics = read_autoencoder_metrics(tmp_path / "out/autoencoder/demo_he_20x")
+    assert metrics.steps == 20 and metrics.heldout_patches > 0 and metrics.latent_shape == (3, 16, 16)
+    assert "autoencoder demo_he_20x: step 20/20 (100 %)" in (tmp_path / "out/logs/autoencoder/demo_he_20x.log").read_text()
     assert record["provenance"]["encoder"] == {"name": "hipt_vit_s16", "weights_sha256": "random",
                                                "random_weights": True}
-    assert record["provenance"]["random_weights"] == ["autoencoder", "conditioning encoder hipt_vit_s16"]
+    assert record["provenance"]["random_weights"] == ["conditioning encoder hipt_vit_s16"]
     sample_record = json.loads((tmp_path / "out/samples/demo_he_20x/sample.json").read_text())
-    assert sample_record["random_parts"] == ["autoencoder", "conditioning encoder hipt_vit_s16"]
+    assert sample_record["random_parts"] == ["conditioning encoder hipt_vit_s16"]
     # the training log: progress lines, each Lightning line once, no advertisement
     training_log = (tmp_path / "out/logs/train/demo_he_20x.log").read_text()
     assert "demo_he_20x: step 12/12 (100 %)" in training_log
@@ -186,7 +196,7 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     assert "fd_hipt_vit_s16" in assets["metrics.html"].decode() and b"RANDOM WEIGHTS" in assets["metrics.html"]
     for page in (assets["metrics.html"], assets["summary.html"]):  # every random part, named
         text = html.unescape(page.decode())
-        assert "the conditioning encoder hipt_vit_s16" in text and "the diffusion model's autoencoder" in text
+        assert "the conditioning encoder hipt_vit_s16" in text and "the diffusion model's autoencoder" not in text
     assert b"cmu_small_region.svs" in assets["slides.html"]
     assert ElementTree.fromstring(assets["loss.svg"]).tag == "{http://www.w3.org/2000/svg}svg"  # matplotlib's SVG
     assert all(assets[name][:3] == b"\xff\xd8\xff" for name in ("thumbnails.jpg", "sample_pairs.jpg",

@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.errors import StageOutputError
 from pipeline.io.atomic import atomic_file
-from pipeline.io.shards import decode_image, decode_npy, image_field, iter_shard
+from pipeline.io.shards import decode_bands, decode_npy, image_field, iter_shard
 from pipeline.io.stage_files import read_parquet_file
 
 INDEX_NAME = "index.parquet"
@@ -92,8 +92,9 @@ class RealPatch:
     input_id: str
     col: int
     row: int
-    image: np.ndarray  # (H, W, 3) uint8
+    image: np.ndarray  # (H, W, 3) uint8: RGB, the first three bands
     embedding: np.ndarray  # (D,) float32
+    bands: np.ndarray | None = None  # (H, W, bands) uint8: every band the patch carries (image itself for RGB)
 
 
 def read_patches(index: EmbeddingIndex, rows: pd.DataFrame, embedding_key: str) -> dict[str, RealPatch]:
@@ -113,7 +114,9 @@ def read_patches(index: EmbeddingIndex, rows: pd.DataFrame, embedding_key: str) 
                 raise StageOutputError(f"{path}: sample {key!r} has no embedding {field!r}")
             ident, col, row = wanted[key]
             embedding = decode_npy(sample[field]).reshape(-1).astype(np.float32)
-            found[key] = RealPatch(key, ident, col, row, decode_image(sample[image_field(sample)]), embedding)
+            pixels = decode_bands(sample[image_field(sample)])
+            rgb = pixels if pixels.shape[2] == 3 else np.ascontiguousarray(pixels[..., :3])
+            found[key] = RealPatch(key, ident, col, row, rgb, embedding, pixels)
     missing = sorted(set(rows.key) - set(found))
     if missing:
         raise StageOutputError(f"{inputs_dir}: {len(missing)} indexed patches not found in their shards, "

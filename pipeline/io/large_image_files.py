@@ -7,6 +7,8 @@
   the image height; the source is never copied whole and never converted to float.
 * :func:`write_png` writes a PNG of an image of at most 4096 x 4096 pixels (Pillow needs it in
   memory: 48 MiB at 4096 x 4096).
+* :class:`FirstBands` shows the first three bands of an (H, W, bands) image (R, G, B, NIR) to these
+  RGB writers; :mod:`pipeline.io.geotiff` writes all of its bands, georeferenced.
 
 Both write under a temporary name in the destination folder and rename at the end
 (:mod:`pipeline.io.atomic`), so a failed or killed write never leaves a file at the final path.
@@ -227,6 +229,25 @@ def _tiles(
         bands.close()
         if f is not None:
             f.close()
+
+
+class FirstBands:
+    """The first three bands of a uint8 (H, W, bands) array-like as an (H, W, 3) one (the RGB preview
+    of an R, G, B, NIR image): row slices are copies, and ``base`` lets the writers release an
+    np.memmap source's pages after each read."""
+
+    def __init__(self, image: Any) -> None:
+        self.base = image
+        self.shape = (image.shape[0], image.shape[1], 3)
+        self.dtype = image.dtype
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.ascontiguousarray(self.base[rows][..., :3])
+
+
+def rgb_view(image: Any) -> Any:
+    """``image`` itself when it has three bands, else its first three (:class:`FirstBands`)."""
+    return image if image.shape[2] == 3 else FirstBands(image)
 
 
 class StreamedRows:

@@ -30,3 +30,14 @@ def autocast(precision: str, device: torch.device | str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def lightning_precision(precision: str, accelerator: str = "auto") -> str:
+    """The Lightning trainer's precision for a stage's `precision` setting: "auto" is bf16 mixed
+    precision where the run will use CUDA, full float32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if precision == "bfloat16" or (precision == "auto" and on_gpu):
+        return "bf16-mixed"
+    return "32-true"

@@ -13,17 +13,19 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.io.shard_loop import SHARD_GLOB, process_shards  # noqa: F401 (re-exported)
-from pipeline.io.shards import decode_image, image_field
+from pipeline.io.shards import decode_bands, decode_image, image_field
 
 
 class PatchImages(Dataset):
-    """Decodes the images of one shard's samples (in DataLoader workers) into uint8 CHW tensors."""
+    """Decodes the images of one shard's samples (in DataLoader workers) into uint8 CHW tensors: RGB
+    (the encoders' input), or with ``all_bands`` every band the patches carry (the autoencoder's)."""
 
-    def __init__(self, samples: Sequence[dict[str, Any]]):
+    def __init__(self, samples: Sequence[dict[str, Any]], all_bands: bool = False):
         self.images = [sample[image_field(sample)] for sample in samples]
+        self.decode = decode_bands if all_bands else decode_image
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(decode_image(self.images[index])).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(self.decode(self.images[index])).permute(2, 0, 1).contiguous()

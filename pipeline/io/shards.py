@@ -31,22 +31,47 @@ def check_key(key: str) -> str:
     return key
 
 
-def encode_image(rgb: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
-    """Encode an HxWx3 uint8 array as PNG or JPEG (4:4:4, so colour is not halved)."""
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {rgb.dtype} {rgb.shape}")
+def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
+    """Encode an HxWxC uint8 array: PNG or JPEG (4:4:4, so colour is not halved) for C = 3, a
+    lossless TIFF (any C, Deflate, one strip, no date: the same pixels give the same bytes) with ``tif``."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or not (image_format == "tif" or pixels.shape[2] == 3):
+        expected = "HxWxC" if image_format == "tif" else "HxWx3"
+        raise ValueError(f"expected an {expected} uint8 image for {image_format}, got {pixels.dtype} {pixels.shape}")
     if image_format == "jpg":
         # libjpeg-turbo straight from the array: the same bytes as PIL's encoder with these
         # settings, without PIL's image copy and file-object round trip (a third of the cost).
-        return imagecodecs.jpeg8_encode(np.ascontiguousarray(rgb), level=jpeg_quality, subsampling="444")
+        return imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels), level=jpeg_quality, subsampling="444")
+    buffer = io.BytesIO()
+    if image_format == "tif":
+        import tifffile
+
+        tifffile.imwrite(buffer, np.ascontiguousarray(pixels), photometric="minisblack", planarconfig="contig",
+                         compression="zlib", metadata=None, software=False, rowsperstrip=pixels.shape[0])
+        return buffer.getvalue()
     if image_format != "png":
         raise ValueError(f"unknown image format {image_format!r}")
-    buffer = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buffer, format="PNG", compress_level=1)
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+
+
+def decode_bands(data: bytes) -> np.ndarray:
+    """Every band of a patch image as HxWxC uint8: C = 3 for PNG and JPEG, the stored bands for TIFF."""
+    if data[:4] in TIFF_MAGIC:
+        import tifffile
+
+        pixels = tifffile.imread(io.BytesIO(data))
+        return pixels[..., None] if pixels.ndim == 2 else pixels
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"))
+
+
 def decode_image(data: bytes) -> np.ndarray:
+    """A patch image as HxWx3 RGB uint8: a multi-band TIFF's first three bands."""
+    if data[:4] in TIFF_MAGIC:
+        return np.ascontiguousarray(decode_bands(data)[..., :3])
     with Image.open(io.BytesIO(data)) as image:
         return np.array(image.convert("RGB"))
 
@@ -69,7 +94,7 @@ def read_shard(path: str | Path) -> list[dict[str, Any]]:
     return list(iter_shard(path))
 
 
-IMAGE_EXTENSIONS = ("jpg", "png")
+IMAGE_EXTENSIONS = ("jpg", "png", "tif")
 
 
 def image_field(sample: dict[str, Any]) -> str:

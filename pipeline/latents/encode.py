@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
 from pipeline.io.device import resolve_device
 from pipeline.io.precision import autocast
 from pipeline.io.shard_stage import PatchImages, process_shards
@@ -102,11 +103,24 @@ def latent_record(autoencoder: Autoencoder, settings: EncodeSettings) -> dict[st
     return {**autoencoder.record(), "fields": [latent_field(f) for f in FLIP_MODES[settings.flips]]}
 
 
+class BandsMismatchError(PipelineError):
+    """Patches whose band count is not the autoencoder's input channel count."""
+
+
+def check_bands(images: PatchImages, autoencoder: Autoencoder, source: Path) -> None:
+    bands = int(images[0].shape[0])
+    if bands != autoencoder.in_channels:
+        raise BandsMismatchError(f"{source}: the patches have {bands} bands, but the autoencoder ({autoencoder.source}) "
+                                 f"takes {autoencoder.in_channels} channels")
+
+
 def encode_shard(source: Path, target: Path, autoencoder: Autoencoder, settings: EncodeSettings,
                  progress: tqdm | None = None) -> int:
     """Encode one embedding shard into ``target`` (atomic). Returns the number of samples."""
     samples = read_shard(source)
-    latents = encode_images(autoencoder, PatchImages(samples), settings) if samples else {}
+    if samples:
+        check_bands(PatchImages(samples, all_bands=True), autoencoder, source)
+    latents = encode_images(autoencoder, PatchImages(samples, all_bands=True), settings) if samples else {}
     record = latent_record(autoencoder, settings)
     out = []
     for index, sample in enumerate(samples):

@@ -11,6 +11,10 @@ Sources, all loaded without any download:
 - ``kl``: a KL autoencoder (sd-vae-ft-mse layout: f8, 4 channels, scale 0.18215) from a local
   diffusers folder (``config.json`` + weights) or a single ``.safetensors`` file in diffusers or
   CompVis/Stable-Diffusion key layout.
+- ``trained``: an autoencoder this pipeline trained (``pipeline train-autoencoder``): a diffusers
+  VQModel or AutoencoderKL folder (``config.json``, safetensors, ``provenance.json``), given as that
+  folder or as the stage's output folder ``OUT/autoencoder/<dataset>`` (its ``model/``). The class
+  comes from ``config.json``'s ``_class_name`` through :data:`TRAINED_CLASSES`, an explicit table.
 - ``random``: small randomly initialised VQ models for demos and tests. They give latents of the
   right shape and nothing else; they are refused unless ``allow_random_weights`` is set, and every
   output written with them records ``random_weights: true``.
@@ -73,6 +77,12 @@ RANDOM_PRESETS: dict[str, tuple[VQSpec, int]] = {
 }
 
 
+# A trained folder's config.json `_class_name` -> (class, kind): nothing else is instantiated.
+TRAINED_CLASSES: dict[str, tuple[type, str]] = {"VQModel": (VQModel, "vq"), "AutoencoderKL": (AutoencoderKL, "kl")}
+TRAINED_MODEL_DIR = "model"  # pipeline.autoencoder.outputs.MODEL_DIR
+TRAINED_PROVENANCE = "provenance.json"  # pipeline.autoencoder.outputs.PROVENANCE_FILE
+
+
 class RandomWeightsError(PipelineError):
     """A random-weight autoencoder was requested without allow_random_weights."""
 
@@ -95,6 +105,7 @@ class Autoencoder:
     kind: str  # "vq" | "kl"
     source: str  # where the weights came from (path or preset name)
     random_weights: bool = False
+    provenance: dict[str, Any] | None = None  # trained kind: what it was trained on (provenance.json)
     _sha256: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +116,10 @@ class Autoencoder:
     @property
     def scaling_factor(self) -> float:
         return float(self.model.config.scaling_factor)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.model.config.in_channels)
 
     @property
     def latent_channels(self) -> int:
@@ -143,7 +158,7 @@ class Autoencoder:
 
     def record(self) -> dict[str, Any]:
         """What identifies the latents it produces (written into shard metadata and manifests)."""
-        return {
+        record = {
             "kind": self.kind,
             "class": type(self.model).__name__,
             "source": self.source,
@@ -153,6 +168,10 @@ class Autoencoder:
             "latent_channels": self.latent_channels,
             "downsampling_factor": self.downsampling_factor,
         }
+        if self.provenance is not None:
+            record["trained"] = {k: self.provenance[k] for k in ("dataset", "steps", "seed", "heldout_psnr")
+                                 if k in self.provenance}
+        return record
 
 
 # --- builders ------------------------------------------------------------------------------------
@@ -217,6 +236,28 @@ def kl_from_local(path: str | Path, kwargs: dict[str, Any] | None = None) -> Aut
     return Autoencoder(model, "kl", str(path))
 
 
+def trained_from_folder(path: str | Path) -> Autoencoder:
+    """An autoencoder the pipeline trained: its diffusers folder, or the stage folder holding it."""
+    import json
+
+    path = Path(path)
+    folder = path / TRAINED_MODEL_DIR if (path / TRAINED_MODEL_DIR / "config.json").is_file() else path
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise LidFormatError(f"{path}: not a trained autoencoder (no config.json, nor {TRAINED_MODEL_DIR}/config.json)")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except ValueError as exc:
+        raise LidFormatError(f"{config_file}: cannot read: {exc}") from exc
+    if class_name not in TRAINED_CLASSES:
+        raise LidFormatError(f"{config_file}: _class_name {class_name!r}, expected one of {sorted(TRAINED_CLASSES)}")
+    cls, kind = TRAINED_CLASSES[class_name]
+    model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    provenance_file = folder / TRAINED_PROVENANCE
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    return Autoencoder(model, kind, str(folder), provenance=provenance)
+
+
 def random_vq(preset: str = "tiny-vq-f4", seed: int = 0, allow_random_weights: bool = False) -> Autoencoder:
     """A small randomly initialised VQ autoencoder (demo/tests only; flagged random_weights)."""
     if not allow_random_weights:
@@ -241,18 +282,22 @@ def random_vq(preset: str = "tiny-vq-f4", seed: int = 0, allow_random_weights: b
 class AutoencoderSettings:
     """The config's `latents.autoencoder:` table."""
 
-    kind: str = "lid"  # lid | compvis-vq | kl | random
-    path: str | None = None
+    kind: str = "lid"  # lid | compvis-vq | kl | trained | random
+    path: str | None = None  # trained: the workflow fills in OUT/autoencoder/<dataset> when only `dataset` is given
+    dataset: str | None = None  # trained: whose autoencoder stage
     preset: str | None = None  # random kind: tiny-vq-f4 | tiny-vq-f8 | tiny-vq-f16
     allow_random_weights: bool = False
 
     def load(self) -> Autoencoder:
+        if self.kind == "trained" and self.path is None:
+            raise PipelineError(f"latents.autoencoder: kind 'trained' (dataset {self.dataset!r}) needs the folder "
+                                "of the trained autoencoder as `path` (the workflow gives OUT/autoencoder/<dataset>)")
         return load_autoencoder(self.kind, self.path, preset=self.preset, allow_random_weights=self.allow_random_weights)
 
 
 def load_autoencoder(kind: str, path: str | Path | None = None, *, preset: str | None = None,
                      seed: int = 0, allow_random_weights: bool = False) -> Autoencoder:
-    """One entry point for configs: kind = lid | compvis-vq | kl | random."""
+    """One entry point for configs: kind = lid | compvis-vq | kl | trained | random."""
     if kind == "random":
         return random_vq(preset or "tiny-vq-f4", seed, allow_random_weights)
     if path is None:
@@ -263,4 +308,6 @@ def load_autoencoder(kind: str, path: str | Path | None = None, *, preset: str |
         return vq_from_compvis_checkpoint(path)
     if kind == "kl":
         return kl_from_local(path)
-    raise PipelineError(f"unknown autoencoder kind {kind!r} (lid | compvis-vq | kl | random)")
+    if kind == "trained":
+        return trained_from_folder(path)
+    raise PipelineError(f"unknown autoencoder kind {kind!r} (lid | compvis-vq | kl | trained | random)")

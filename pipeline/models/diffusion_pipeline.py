@@ -43,7 +43,7 @@ PATCH_SAMPLERS = ("plms", "ddim", "dpmsolver++")
 
 @dataclass
 class PatchOutput(BaseOutput):
-    images: np.ndarray | None  # (B, H, W, 3) uint8; None for output_type "latent"
+    images: np.ndarray | None  # (B, H, W, bands) uint8; None for output_type "latent"
     latents: torch.Tensor  # (B, C, h, w) float32, on the CPU
     unet_evaluations: int  # one latent through the UNet once (conditional and unconditional count apart)
 
@@ -69,6 +69,11 @@ class RLDiffPipeline(DiffusionPipeline):
     @property
     def latent_channels(self) -> int:
         return int(self.unet.config.in_channels)
+
+    @property
+    def image_bands(self) -> int:
+        """Bands of the decoded images: the autoencoder's output channels (3 for RGB; 4 for R, G, B, NIR)."""
+        return int(self.vae.config.out_channels)
 
     @property
     def embedding_dim(self) -> int:

@@ -24,9 +24,10 @@ def blended_bands(
     decode: Decoder, latent: torch.Tensor, factor: int, window: int, stride: int, batch: int,
     weights: torch.Tensor,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (first output row, uint8 rows (h, W, 3)) top to bottom; the bands tile the image.
+    """Yield (first output row, uint8 rows (h, W, bands)) top to bottom; the row bands tile the image.
 
     latent: (1, C, H, W); weights: (window * factor,) * 2, positive everywhere (see weights.py).
+    The image has as many bands as the decoder gives (3 for RGB, 4 for R, G, B, NIR).
     Stopping early decodes only the windows the yielded rows need.
     """
     if latent.shape[0] != 1:
@@ -39,7 +40,7 @@ def blended_bands(
     weights = weights.to(latent.device)
     # Float accumulators for output rows [band_top, band_top + tile): every window still to come
     # starts at or below band_top.
-    image_sum = torch.zeros(3, tile, width, device=latent.device)
+    image_sum = None  # (bands, tile, width), allocated once the first decode says how many bands
     weight_sum = torch.zeros(1, tile, width, device=latent.device)
     row_offsets = layout.row_offsets
     for index, row in enumerate(row_offsets):
@@ -48,6 +49,8 @@ def blended_bands(
             chosen = columns[start : start + batch]
             crops = torch.cat([latent[:, :, row : row + window, c : c + window] for c in chosen])
             images = decode(crops).float()
+            if image_sum is None:
+                image_sum = torch.zeros(images.shape[1], tile, width, device=latent.device)
             for column, image in zip(chosen, images):
                 span = slice(column * factor, column * factor + tile)
                 image_sum[:, :, span] += image * weights
@@ -69,9 +72,10 @@ def decode_large_image(
     batch: int,
     weights: torch.Tensor,
     out: np.ndarray | None = None,
+    bands: int = 3,
 ) -> np.ndarray:
-    """The whole (H*f, W*f, 3) uint8 image; pass `out` (e.g. an np.memmap) to keep it off the heap."""
-    shape = (latent.shape[2] * factor, latent.shape[3] * factor, 3)
+    """The whole (H*f, W*f, bands) uint8 image; pass `out` (e.g. an np.memmap) to keep it off the heap."""
+    shape = (latent.shape[2] * factor, latent.shape[3] * factor, bands)
     if out is None:
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8:

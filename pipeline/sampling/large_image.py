@@ -160,7 +160,7 @@ def decode_canvas(
     model: RLDiffPipeline, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None
 ) -> np.ndarray:
     """The window-blended uint8 image of a latent canvas (written into `out` when given)."""
-    return decode_large_image(*_decode_arguments(model, latent, config), out=out)
+    return decode_large_image(*_decode_arguments(model, latent, config), out=out, bands=model.image_bands)
 
 
 def decoded_bands(

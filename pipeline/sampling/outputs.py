@@ -33,7 +33,10 @@ PATCH_COLUMNS = ("sample_id", "generated", "real")
 REGION_RECORD = "region.json"
 REGION_EMBEDDINGS = "embeddings.npy"
 LARGE_IMAGES_SUMMARY = "large_images.json"
-IMAGE_COLUMNS = ("generated_png", "generated_tif", "reference_png", "reference_tif")
+# Aerial regions: every band, georeferenced (the RGB previews are the PNG / pyramidal TIFF).
+GENERATED_GEOTIFF, REFERENCE_GEOTIFF = "generated.geo.tif", "reference.geo.tif"
+IMAGE_COLUMNS = ("generated_png", "generated_tif", "reference_png", "reference_tif", "generated_geotiff",
+                 "reference_geotiff")
 REGION_COLUMNS = ("region", "k")
 # Per-region facts of a large-image manifest; the other columns are the run's sampler settings.
 REGION_FACTS = {"region", "input_id", "col", "row", "k", "held_out", *IMAGE_COLUMNS, "embeddings", "mpp", "dataset"}

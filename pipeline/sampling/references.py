@@ -84,8 +84,43 @@ def region_rows(index: pd.DataFrame, region: Region) -> pd.DataFrame:
     return index[index.key.isin(keys)]
 
 
-def region_grid(region: Region, patches: dict[str, RealPatch]) -> tuple[np.ndarray, np.ndarray]:
-    """([k, k, D] embeddings, rows then columns; the real (k*P, k*P, 3) region stitched from its patches)."""
+def region_grid(region: Region, patches: dict[str, RealPatch],
+                all_bands: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """([k, k, D] embeddings, rows then columns; the real (k*P, k*P, 3) region stitched from its
+    patches, or with all_bands (k*P, k*P, bands): every band they carry)."""
     grid = np.stack([np.stack([patches[key].embedding for key in row]) for row in region.keys])
-    image = np.concatenate([np.concatenate([patches[key].image for key in row], axis=1) for row in region.keys])
+
+    def pixels(patch: RealPatch) -> np.ndarray:
+        return patch.bands if all_bands and patch.bands is not None else patch.image
+
+    image = np.concatenate([np.concatenate([pixels(patches[key]) for key in row], axis=1) for row in region.keys])
     return grid.astype(np.float32), image
+
+
+@dataclass(frozen=True)
+class Georeference:
+    """Where a region's pixels lie: its CRS and the affine [a, b, c, d, e, f] (rasterio order) of
+    its pixel (0, 0), at the patches' ground resolution."""
+
+    crs: str
+    transform: tuple[float, ...]
+
+
+GEO_COLUMNS = ("crs", "transform")
+
+
+def region_georeference(index: pd.DataFrame, region: Region) -> Georeference | None:
+    """An aerial region's georeference: its top-left patch's (tiling records each tile's CRS and
+    affine, the source's affine moved to the tile's top-left source pixel and scaled by the tile's
+    source pixels per target pixel); the region's image continues that patch's pixel grid. None for
+    slides (no such columns)."""
+    if not set(GEO_COLUMNS) <= set(index.columns):
+        return None
+    rows = index[index.key == region.keys[0][0]]
+    if rows.empty:
+        raise ValueError(f"region at col {region.col}, row {region.row} of {region.input_id}: its top-left patch "
+                         f"{region.keys[0][0]!r} is not in the index")
+    crs, transform = rows["crs"].iloc[0], rows["transform"].iloc[0]
+    if not isinstance(crs, str) or transform is None or len(transform) != 6:
+        return None
+    return Georeference(crs, tuple(float(v) for v in transform))

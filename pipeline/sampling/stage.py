@@ -6,7 +6,9 @@ Outputs (see docs/data_contract.md, stages 5 and 6; names and readers in
 - ``OUT/samples/<dataset>/``: ``generated/<key>.png``, ``real/<key>.png``, ``conditions.npy``,
   ``manifest.parquet``, ``grid.jpg``, ``sample.json``; written as one folder, atomically.
 - ``OUT/large_images/<dataset>/``: ``region-NNN/`` folders (each atomic, reused by a re-run with the
-  same settings) and ``manifest.parquet``, written last.
+  same settings) and ``manifest.parquet``, written last. Images are RGB (PNG, pyramidal TIFF: the
+  first three bands); an aerial region also gets ``generated.geo.tif`` and ``reference.geo.tif``,
+  every band, georeferenced (the region's CRS and affine).
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ from pipeline.embedding.outputs import read_embedding_index, read_patches
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_dir, atomic_file, remove_path, write_text_atomic
 from pipeline.io.device import resolve_device
-from pipeline.io.large_image_files import StreamedRows, release_mapped_pages, write_png, write_pyramid_tiff
+from pipeline.io.geotiff import write_geotiff
+from pipeline.io.large_image_files import StreamedRows, release_mapped_pages, rgb_view, write_png, write_pyramid_tiff
 from pipeline.io.sheets import pair_sheet, write_jpeg
 from pipeline.models import RLDiffPipeline, load_pipeline
 from pipeline.sampling.config import LargeImageConfig, LargeImageSettings
 from pipeline.sampling.fusion import distributed_rank
 from pipeline.sampling.large_image import LargeImageSampler, decoded_bands, large_image_seam_score
-from pipeline.sampling.outputs import (CONDITIONS, GENERATED_DIR, GRID, IMAGE_COLUMNS, LARGE_IMAGES_SUMMARY, MANIFEST,
-                                       REAL_DIR, REGION_EMBEDDINGS, REGION_RECORD, SAMPLES_SUMMARY, region_folder)
+from pipeline.sampling.outputs import (CONDITIONS, GENERATED_DIR, GENERATED_GEOTIFF, GRID, IMAGE_COLUMNS,
+                                       LARGE_IMAGES_SUMMARY, MANIFEST, REAL_DIR, REFERENCE_GEOTIFF, REGION_EMBEDDINGS,
+                                       REGION_RECORD, SAMPLES_SUMMARY, region_folder)
 from pipeline.sampling.patches import PatchSampler, PatchSamplingConfig
-from pipeline.sampling.references import find_regions, held_out_rows, region_grid, region_rows
+from pipeline.sampling.references import (Georeference, find_regions, held_out_rows, region_georeference, region_grid,
+                                          region_rows)
 
 
 def embedding_key_of(model: RLDiffPipeline, fallback: str | None) -> str:
@@ -75,13 +80,13 @@ def sample_patches(model_dir: str | Path, embeddings_dir: str | Path, out_dir: s
             for offset, image in enumerate(batch.images):
                 patch = ordered[batch.first_index + offset]
                 generated, real = f"{GENERATED_DIR}/{patch.key}.png", f"{REAL_DIR}/{patch.key}.png"
-                Image.fromarray(image).save(temp / generated)
+                Image.fromarray(rgb_view(image)[:]).save(temp / generated)  # the RGB of R, G, B, NIR
                 Image.fromarray(patch.image).save(temp / real)
                 records.append({"sample_id": patch.key, "key": patch.key, "input_id": patch.input_id,
                                 "col": patch.col, "row": patch.row, "generated": generated, "real": real,
                                 "seed_index": batch.first_index + offset})
                 if len(grid_pairs_shown) < grid_pairs:
-                    grid_pairs_shown.append((patch.image, image, patch.key))
+                    grid_pairs_shown.append((patch.image, rgb_view(image)[:], patch.key))
         manifest = pd.DataFrame.from_records(records)
         manifest.to_parquet(temp / MANIFEST, index=False)
         np.save(temp / CONDITIONS, conditions.astype(np.float32))
@@ -108,14 +113,19 @@ def pixel_size_um(resolution: float, kind: str) -> float:
 
 def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarray, folder: Path,
                     config: LargeImageConfig, pixel_um: float, png_max_side: int, tiff: bool,
-                    jpeg_quality: int) -> dict[str, Any]:
-    """Sample, decode (streamed into a disk memmap) and write one region's files into `folder`."""
+                    jpeg_quality: int, georeference: Georeference | None = None,
+                    band_names: list[str] | None = None) -> dict[str, Any]:
+    """Sample, decode (streamed into a disk memmap) and write one region's files into `folder`.
+
+    PNG and pyramidal TIFF are RGB (the first three bands of the decoder's output and of
+    `reference`); with a georeference, every band of both also goes into a GeoTIFF."""
     sampler = LargeImageSampler(model, grid, config)
     latent, stats = sampler.sample()
     factor = model.downsampling_factor
     height, width = latent.shape[2] * factor, latent.shape[3] * factor
     canvas_path = folder / "generated.uint8"
-    image = np.lib.format.open_memmap(canvas_path, mode="w+", dtype=np.uint8, shape=(height, width, 3))
+    image = np.lib.format.open_memmap(canvas_path, mode="w+", dtype=np.uint8,
+                                      shape=(height, width, model.image_bands))
     decode_started = time.perf_counter()
     for top, rows in decoded_bands(model, latent, config):
         image[top : top + len(rows)] = rows
@@ -124,22 +134,30 @@ def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarr
     decode_seconds = time.perf_counter() - decode_started
     files = {}
     if max(height, width) <= png_max_side:
-        write_png(folder / "generated.png", image)
+        write_png(folder / "generated.png", rgb_view(image))
         files["generated_png"] = "generated.png"
     if tiff or "generated_png" not in files:
-        write_pyramid_tiff(folder / "generated.tif", image, pixel_um, jpeg_quality=jpeg_quality,
+        write_pyramid_tiff(folder / "generated.tif", rgb_view(image), pixel_um, jpeg_quality=jpeg_quality,
                            description="rldiff generated image")
         files["generated_tif"] = "generated.tif"
+    if georeference is not None:
+        write_geotiff(folder / GENERATED_GEOTIFF, image, georeference.crs, georeference.transform,
+                      band_descriptions=band_names, description="rldiff generated image")
+        files["generated_geotiff"] = GENERATED_GEOTIFF
     seam = large_image_seam_score(StreamedRows(image), tuple(latent.shape), config, factor)
     del image
     remove_path(canvas_path)
     if max(reference.shape[:2]) <= png_max_side:
-        write_png(folder / "reference.png", reference)
+        write_png(folder / "reference.png", rgb_view(reference))
         files["reference_png"] = "reference.png"
     else:
-        write_pyramid_tiff(folder / "reference.tif", reference, pixel_um, jpeg_quality=jpeg_quality,
+        write_pyramid_tiff(folder / "reference.tif", rgb_view(reference), pixel_um, jpeg_quality=jpeg_quality,
                            description="rldiff reference region")
         files["reference_tif"] = "reference.tif"
+    if georeference is not None:
+        write_geotiff(folder / REFERENCE_GEOTIFF, reference, georeference.crs, georeference.transform,
+                      band_descriptions=band_names, description="rldiff reference region")
+        files["reference_geotiff"] = REFERENCE_GEOTIFF
     np.save(folder / REGION_EMBEDDINGS, grid)
     return {**files, "width": width, "height": height, "seam_score": seam, "windows": stats.windows,
             "steps": stats.steps, "unet_evaluations": stats.unet_evaluations, "unet_calls": stats.unet_calls,
@@ -148,9 +166,11 @@ def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarr
 
 def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path, *, dataset: str,
                           kind: str, mpp: float, holdout_inputs: tuple[str, ...], settings: LargeImageSettings,
-                          seed: int, embedding_key: str | None = None) -> pd.DataFrame:
+                          seed: int, embedding_key: str | None = None,
+                          source_bands: tuple[int, ...] = ()) -> pd.DataFrame:
     """Large images for up to `settings.regions` real k x k regions (held-out inputs first); region
-    number i is sampled with seed + i."""
+    number i is sampled with seed + i. Aerial regions also get georeferenced GeoTIFFs of every band
+    (`source_bands`: the source's band numbers, which name the GeoTIFFs' bands)."""
     out_dir = Path(out_dir)
     k, mode, png_max_side, tiff = settings.k, settings.mode, settings.png_max_side, settings.tiff
     rank, _ = distributed_rank()
@@ -164,9 +184,12 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
     records = []
     for number, region in enumerate(regions):
         config = base.with_(seed=seed + number)
+        georeference = region_georeference(index.rows, region) if kind == "aerial" else None
         identity = {"model": str(model_dir), "region": asdict(region), "config": asdict(config), "mpp": mpp,
                     "png_max_side": png_max_side, "tiff": tiff, "embedding_key": key,
                     "jpeg_quality": settings.jpeg_quality}
+        if georeference is not None:  # slides' digests stay what they were
+            identity["georeference"] = asdict(georeference)
         digest = _settings_digest(identity)
         folder = out_dir / region_folder(number)
         record_path = folder / REGION_RECORD
@@ -174,13 +197,14 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
             record = json.loads(record_path.read_text())  # finished by an earlier run with these settings
         else:
             patches = read_patches(index, region_rows(index.rows, region), key)
-            grid, reference = region_grid(region, patches)
+            grid, reference = region_grid(region, patches, all_bands=georeference is not None)
             if rank > 0:  # under torchrun: the other ranks sample their share of the windows, rank 0 writes
                 LargeImageSampler(model, grid, config).sample()
                 continue
             with atomic_dir(folder) as temp:
+                band_names = [f"source band {band}" for band in source_bands] or None
                 files = generate_region(model, grid, reference, temp, config, pixel_size_um(mpp, kind),
-                                        png_max_side, tiff, settings.jpeg_quality)
+                                        png_max_side, tiff, settings.jpeg_quality, georeference, band_names)
                 record = {"region": region_folder(number), "input_id": region.input_id, "col": region.col,
                           "row": region.row, "k": region.k, "held_out": region.held_out, "mpp": mpp,
                           "dataset": dataset, "mode": mode, "sampler": config.sampler, "steps": config.steps,
@@ -188,12 +212,15 @@ def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out
                           "random_weights": model.random_weights, "random_parts": model.random_parts,
                           "settings_sha": digest, "embedding_key": key,
                           "keys": [list(row) for row in region.keys], "config": asdict(config), **files}
+                if georeference is not None:
+                    record["georeference"] = {**asdict(georeference), "transform": list(georeference.transform)}
                 (temp / REGION_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         records.append(record)
     if rank > 0:
         return pd.DataFrame()
     manifest = pd.DataFrame.from_records(
-        [{name: value for name, value in r.items() if name not in ("keys", "config")} for r in records])
+        [{name: value for name, value in r.items() if name not in ("keys", "config", "georeference")}
+         for r in records])
     for column in IMAGE_COLUMNS:
         if column in manifest:
             manifest[column] = [f"{r}/{v}" if isinstance(v, str) else None for r, v in zip(manifest.region, manifest[column])]

@@ -41,7 +41,7 @@ from rasterio.io import DatasetReader
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
-from pipeline.config import DatasetSpec
+from pipeline.config import RGB_BANDS, DatasetSpec
 from pipeline.tiling.failures import (MAX_READ_PIXELS, Reason, TilingError, check_claimed_pixels, check_readable_file,
                                       check_upsampling)
 from pipeline.tiling.outputs import Patch
@@ -328,6 +328,8 @@ class AerialSource:
         self.cols = math.floor(dataset.width / self.read_w + SNAP_TOLERANCE)
         self.rows = math.floor(dataset.height / self.read_h + SNAP_TOLERANCE)
         self.crs = self.info["crs"]
+        # The source's own affine, so that a region of tiles can be placed without reopening the file.
+        self.info["source_transform"] = [float(v) for v in tuple(dataset.transform)[:6]]
         self.info.update(read_size=self.read_w, grid_cols=self.cols, grid_rows=self.rows)
         check_claimed_pixels(path, "one row of tiles", self.cols * spec.patch_size, spec.patch_size, MAX_READ_PIXELS)
         if self.cols == 0 or self.rows == 0:
@@ -379,16 +381,16 @@ class AerialSource:
             pixels, valid = self._read_strip(row)
             for col in range(self.cols):
                 columns = slice(col * patch, (col + 1) * patch)
-                rgb = np.ascontiguousarray(pixels[:, :, columns].transpose(1, 2, 0))
+                tile = np.ascontiguousarray(pixels[:, :, columns].transpose(1, 2, 0))
                 nodata_fraction = 0.0
                 if valid is not None:
                     tile_valid = valid[:, columns]
                     nodata_fraction = 1.0 - float(tile_valid.mean())
                     if nodata_fraction > self.spec.max_nodata_fraction:
                         continue
-                    rgb[~tile_valid] = 0  # no stray nodata fill values inside kept tiles
+                    tile[~tile_valid] = 0  # no stray nodata fill values inside kept tiles
                 self.kept.append((row, col))
-                yield Patch(col=col, row=row, rgb=rgb, meta=self._tile_meta(col, row, nodata_fraction))
+                yield Patch(col=col, row=row, pixels=tile, meta=self._tile_meta(col, row, nodata_fraction))
 
     def _tile_meta(self, col: int, row: int, nodata_fraction: float) -> dict[str, Any]:
         patch = self.spec.patch_size
@@ -408,13 +410,13 @@ class AerialSource:
         }
 
     def qc_thumbnail(self) -> Image.Image:
-        """The configured bands as RGB (longest side at most QC_MAX_SIDE), kept tiles outlined in blue."""
+        """The first three configured bands as RGB (longest side at most QC_MAX_SIDE), kept tiles outlined in blue."""
         width, height = self.dataset.width, self.dataset.height
         scale = max(1.0, max(width, height) / QC_MAX_SIDE)
         size = (max(1, round(width / scale)), max(1, round(height / scale)))
         try:  # an out_shape read lets GDAL use the overviews instead of decoding full resolution
             with gdal_warnings_fail(self.path, "reading the overview"):
-                pixels = self.dataset.read(self.bands, out_shape=(len(self.bands), size[1], size[0]),
+                pixels = self.dataset.read(self.bands[:RGB_BANDS], out_shape=(RGB_BANDS, size[1], size[0]),
                                            resampling=Resampling.average)
         except GDAL_ERRORS as exc:
             raise TilingError(self.path, Reason.READ_FAILED,

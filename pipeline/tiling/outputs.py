@@ -49,7 +49,7 @@ class Patch:
 
     col: int
     row: int
-    rgb: np.ndarray  # patch_size x patch_size x 3, uint8
+    pixels: np.ndarray  # patch_size x patch_size x bands (3 for slides, the configured ones for aerial), uint8
     meta: dict[str, Any]
 
 
@@ -109,7 +109,7 @@ def tile_input(spec: DatasetSpec, input_id: str, path: str | Path, out_dir: str 
                         check_finite(path, meta)
                         shard = shards.write({
                             "__key__": key, "json": encode_json(meta),
-                            spec.image_format: encode_image(patch.rgb, spec.image_format, spec.jpeg_quality)})
+                            spec.image_format: encode_image(patch.pixels, spec.image_format, spec.jpeg_quality)})
                         rows.append({"key": key, **meta, "shard": shard})
                 # Written for no_tissue too: the mask (or nodata) it shows is why nothing was kept.
                 source.qc_thumbnail().save(temp / THUMBNAIL_FILE, quality=90)

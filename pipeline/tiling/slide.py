@@ -311,7 +311,7 @@ class SlideSource:
             if is_background_patch(rgb):
                 continue
             self.kept.append((row, col))
-            yield Patch(col=col, row=row, rgb=rgb, meta={
+            yield Patch(col=col, row=row, pixels=rgb, meta={
                 "slide": self.path.name, "x": x, "y": y, "read_size": self.read_size,
                 "read_level": self.level, "level0_mpp": self.mpp, "mpp": self.spec.target_mpp,
                 "tissue_fraction": round(fraction, 4),

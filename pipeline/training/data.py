@@ -169,6 +169,10 @@ def check_sample(sample: dict[str, Any], shard: str, config: TrainConfig) -> Non
     if len(shape) != 3 or shape[0] != config.latent_channels:
         raise ShardContentError(f"{shard}: sample {key!r}: latent shape {shape}, expected "
                                 f"[{config.latent_channels}, H, W] (latent_channels)")
+    if tuple(shape[1:]) != (config.latent_size, config.latent_size):
+        raise ShardContentError(f"{shard}: sample {key!r}: latents of {shape[1]}x{shape[2]}, but the UNet is built for "
+                                f"latent_size {config.latent_size}; set training.latent_size: {shape[1]} (or use an "
+                                "autoencoder whose downsampling gives that size)")
 
 
 def first_sample(path: str) -> dict[str, Any]:
