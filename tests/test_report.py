@@ -367,6 +367,10 @@ def test_workflow_description_lists_datasets_and_flags_the_demo():
 
 def test_random_weight_models_from_the_config():
     config = demo_config()
+    # the demo trains its autoencoder: only the encoder (conditioning and evaluation) is random
+    assert random_weight_models(config, ["hipt_vit_s16"]) == (
+        "the conditioning encoder hipt_vit_s16, the evaluation's feature extractor hipt_vit_s16")
+    config["latents"]["autoencoder"] = {"kind": "random", "preset": "tiny-vq-f16", "allow_random_weights": True}
     assert random_weight_models(config, ["hipt_vit_s16"]) == (
         "the conditioning encoder hipt_vit_s16, the first-stage autoencoder, "
         "the evaluation's feature extractor hipt_vit_s16")
