@@ -32,10 +32,12 @@ class Glass:
     cell: int
     first_row: int = 0
 
-    def has_tissue(self, row: int, column: int, size: int) -> bool:
-        """Whether the canvas window at latent (row, column) of side `size` overlaps a tissue cell."""
+    def has_tissue(self, row: int, column: int, size: int, width: int | None = None) -> bool:
+        """Whether the canvas window at latent (row, column), `size` rows high and `width` (default
+        `size`) columns wide, overlaps a tissue cell."""
         rows = [r for r in cells_under(self.first_row + row, size, self.cell) if r < self.tissue.shape[0]]
-        columns = [c for c in cells_under(column, size, self.cell) if c < self.tissue.shape[1]]
+        columns = [c for c in cells_under(column, size if width is None else width, self.cell)
+                   if c < self.tissue.shape[1]]
         return bool(self.tissue[np.ix_(rows, columns)].any()) if rows and columns else False
 
     def whiten(self, rows: np.ndarray, top: int, factor: int) -> np.ndarray:

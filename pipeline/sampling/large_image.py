@@ -62,7 +62,7 @@ def evaluated_windows(layout: WindowLayout, glass: Glass | None, pinned_rows: in
         if glass is None:
             return True
         top = max(row, pinned_rows)  # only the unpinned part of the window counts
-        return glass.has_tissue(top, column, row + window - top)
+        return glass.has_tissue(top, column, row + window - top, window)
 
     return WindowSubset(layout, keep)
 
