@@ -16,6 +16,7 @@ from pipeline.latents.encode import EncodeSettings
 from pipeline.models.autoencoder import AutoencoderSettings
 from pipeline.sampling.config import LargeImageSettings
 from pipeline.sampling.patches import PatchSamplingConfig
+from pipeline.sampling.slide import SlideSettings
 from pipeline.training.config import TrainConfig
 
 # (table path in the schema, its dataclass, fields the pipeline derives instead of reading a key)
@@ -27,6 +28,7 @@ STAGES = [
     (("training",), TrainConfig, {"embedding_key", "patch_embed_dim", "holdout_fraction", "seed"}),
     (("sampling",), PatchSamplingConfig, {"seed"}),
     (("large_image",), LargeImageSettings, set()),
+    (("synthesize_slide",), SlideSettings, set()),
     (("evaluation",), EvaluationSettings, set()),
 ]
 # datasets.<name>: resolved by pipeline.config.resolve_datasets (paths, magnifications, holdout).
