@@ -12,6 +12,7 @@ import openslide
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from helpers import DEMO_SLIDE, make_spec
 from pipeline.cli import main
@@ -144,7 +145,7 @@ def test_synthetic_slide_is_white_off_tissue_and_opens_in_openslide(demo, tmp_pa
     white = (cells == 255).all(axis=(2, 3, 4))
     assert np.array_equal(white, ~tissue)
     assert (cells[tissue].std(axis=(1, 2, 3)) > 5).all()
-    thumbnail = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / "thumbnail.jpg"))
+    thumbnail = np.asarray(Image.open(out / "thumbnail.jpg"))
     assert max(thumbnail.shape[:2]) <= 256
     assert not (tmp_path / ".slide.work").exists()
 
@@ -221,7 +222,7 @@ def test_bad_feature_files_give_typed_errors_naming_the_file(good_h5, demo, tmp_
                  "--mpp", "0.5", "--out", str(tmp_path / "out")])
     assert code == 2
     assert f"error: {tmp_path / 'narrow.h5'}: features of width 383" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.work").exists()
 
 
 def test_slide_settings_come_from_the_schema():

@@ -141,10 +141,14 @@ def synthesize_slide(model_dir: str | Path, out_dir: str | Path, *, mpp: float, 
     if not (settings_path.is_file() and json.loads(settings_path.read_text()).get("sha") == digest):
         remove_path(work)  # another run's bands (or none): start over
         work.mkdir(parents=True)
-        if h5 is not None:
-            grid = grid_from_h5(h5, work, model.embedding_dim)
-        else:
-            grid = grid_from_embeddings(embeddings_dir, str(input_id), key, work, model.embedding_dim)
+        try:
+            if h5 is not None:
+                grid_from_h5(h5, work, model.embedding_dim)
+            else:
+                grid_from_embeddings(embeddings_dir, str(input_id), key, work, model.embedding_dim)
+        except Exception:
+            remove_path(work)  # a bad input leaves nothing behind
+            raise
         with atomic_file(settings_path) as temp:
             temp.write_text(json.dumps({"sha": digest, **identity}, indent=2, sort_keys=True, default=str) + "\n")
     grid = load_grid(work, source)
