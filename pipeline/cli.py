@@ -194,6 +194,19 @@ def _large_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synthesize_slide(args: argparse.Namespace) -> int:
+    from pipeline.sampling.slide import SlideSettings, synthesize_slide
+
+    settings = settings_from_table(SlideSettings, _table(args.settings), "synthesize_slide")
+    record = synthesize_slide(args.model, args.out, mpp=args.mpp, settings=settings, seed=args.seed,
+                              embeddings_dir=args.embeddings, input_id=args.input_id, h5=args.h5,
+                              embedding_key=args.embedding_key, dataset=args.dataset,
+                              progress_every=args.progress_every)
+    print(f"{args.out}: {record['width']}x{record['height']} px at {record['mpp']:g} um/px, "
+          f"{len(record['levels'])} levels")
+    return 0
+
+
 def _join_process_group() -> None:
     """Under torchrun (WORLD_SIZE > 1): one process per GPU of the node, in one process group."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -382,6 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("large-image", help="generate large images from k x k regions of real embeddings")
     _add_generation_arguments(p, "large_image", "output folder: region-NNN/ (each atomic), then manifest.parquet")
     p.set_defaults(func=_large_image)
+
+    p = sub.add_parser("synthesize-slide", help="a whole synthetic slide from a slide's embedding grid (resumable)")
+    p.add_argument("--model", required=True, help="a pipeline export (model_index.json) or a LID release folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--embeddings", help="an embedding-stage folder (index.parquet, inputs/); needs --input-id")
+    source.add_argument("--h5", help="a TRIDENT/CLAM feature file (datasets coords and features)")
+    p.add_argument("--input-id", help="with --embeddings: the slide (input id) whose grid to render")
+    p.add_argument("--embedding-key", help="with --embeddings: the encoder, where the model does not record it")
+    p.add_argument("--mpp", type=float, required=True, help="micrometres per pixel of the output (the grid's patches)")
+    p.add_argument("--dataset", help="dataset name, recorded in slide.json")
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="synthesize_slide"))
+    p.add_argument("--seed", type=int, default=schema_default("seed"), help="the config's top-level seed")
+    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines on stderr")
+    p.add_argument("--out", required=True,
+                   help="output folder (slide.tif, thumbnail.jpg, slide.json), written atomically; "
+                        "bands in progress are kept in .<name>.work/ beside it")
+    p.set_defaults(func=_synthesize_slide)
 
     p = sub.add_parser("evaluate", help="FID/KID and embedding similarity of generated patches and large images")
     p.add_argument("--samples", help="patch samples folder, OUT/samples/<dataset>")

@@ -289,3 +289,42 @@ def test_shifted_windows_cover_the_canvas_and_move_every_step(lid):
 def test_seam_score_of_one_window_is_one():
     image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
     assert large_image_seam_score(image, (1, 3, 64, 64), LID_MODE, factor=4) == 1.0
+
+
+# --- tissue mask: glass costs nothing and is white --------------------------------------------------
+
+
+def test_background_windows_cost_no_unet_call_and_are_white(lid):
+    tissue = np.array([[1, 0], [0, 0]], dtype=bool)
+    grid = torch.randn(2, 2, 384, generator=torch.Generator().manual_seed(5))
+    config = FAST_MODE.with_(steps=1, guidance_scale=1.0, window_batch=64, decode_stride=64, seed=2)
+    window = config.window
+    full = generate_large_image(lid, grid, config, decode=False)
+    masked = generate_large_image(lid, grid, config, tissue=tissue)
+    # Independently: a window is evaluated when its latent square holds any tissue-cell latent.
+    tissue_latent = np.kron(tissue, np.ones((window, window), dtype=bool))
+    layout = WindowLayout(2 * window, 2 * window, window, config.stride)
+    background = sum(not tissue_latent[r : r + window, c : c + window].any() for r, c in layout.origins)
+    assert full.stats.windows == len(layout) == 9 and background == 5
+    assert masked.stats.windows == len(layout) - background
+    assert full.stats.unet_evaluations == 9  # one step, no unconditional pass
+    assert full.stats.unet_evaluations - masked.stats.unet_evaluations == background
+    cell = window * lid.downsampling_factor
+    image = masked.image
+    assert image.shape == (2 * cell, 2 * cell, 3)
+    white = np.kron(~tissue, np.ones((cell, cell), dtype=bool))
+    assert (image[white] == 255).all()
+    assert (image[:cell, :cell] == 255).all(axis=-1).mean() < 0.5  # the tissue cell is rendered, not glass
+    # A mask of tissue everywhere changes nothing.
+    same = generate_large_image(lid, grid, config, decode=False, tissue=np.ones((2, 2), dtype=bool))
+    assert torch.equal(same.latent, full.latent)
+
+
+def test_background_cells_take_the_nearest_tissue_embedding():
+    from pipeline.sampling.conditions import fill_background
+
+    grid = torch.arange(9.0).reshape(3, 3, 1)
+    tissue = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 1]], dtype=bool)
+    filled = fill_background(grid, tissue)
+    assert filled[0, 0, 0] == 0 and filled[2, 2, 0] == 8 and filled[0, 1, 0] == 0 and filled[2, 1, 0] == 8
+    assert torch.equal(fill_background(grid, np.ones((3, 3), dtype=bool)), grid)

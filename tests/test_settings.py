@@ -18,6 +18,7 @@ from pipeline.models.autoencoder import AutoencoderSettings
 from pipeline.sampling.config import LargeImageSettings
 from pipeline.sampling.patches import PatchSamplingConfig
 from pipeline.stain.settings import StainSettings
+from pipeline.sampling.slide import SlideSettings
 from pipeline.training.config import TrainConfig
 from pipeline.viewer import ViewerSettings
 
@@ -31,6 +32,7 @@ STAGES = [
     (("training",), TrainConfig, {"embedding_key", "patch_embed_dim", "holdout_fraction", "seed"}),
     (("sampling",), PatchSamplingConfig, {"seed"}),
     (("large_image",), LargeImageSettings, set()),
+    (("synthesize_slide",), SlideSettings, set()),
     (("evaluation",), EvaluationSettings, set()),
     (("datasets", "*", "stain_normalization"), StainSettings, set()),
     (("viewer",), ViewerSettings, set()),

@@ -97,11 +97,12 @@ class RealPatch:
     bands: np.ndarray | None = None  # (H, W, bands) uint8: every band the patch carries (image itself for RGB)
 
 
-def read_patches(index: EmbeddingIndex, rows: pd.DataFrame, embedding_key: str) -> dict[str, RealPatch]:
-    """Image and embedding of each of the index's `rows`, read shard by shard."""
+def _indexed_samples(index: EmbeddingIndex, rows: pd.DataFrame, embedding_key: str):
+    """(sample, its embedding float32 (D,), (input id, col, row), shard path) of each of `rows`,
+    read shard by shard; an indexed patch missing from its shard is an error, after the last."""
     inputs_dir = index.folder / INPUTS_DIR
     field = f"{embedding_key}.npy"
-    found: dict[str, RealPatch] = {}
+    seen: set[str] = set()
     for shard, group in rows.groupby("shard", sort=True):
         wanted = {key: (ident, int(col), int(row))
                   for key, ident, col, row in zip(group.key, group.input_id, group.col, group.row)}
@@ -112,13 +113,27 @@ def read_patches(index: EmbeddingIndex, rows: pd.DataFrame, embedding_key: str) 
                 continue
             if field not in sample:
                 raise StageOutputError(f"{path}: sample {key!r} has no embedding {field!r}")
-            ident, col, row = wanted[key]
-            embedding = decode_npy(sample[field]).reshape(-1).astype(np.float32)
-            pixels = decode_bands(sample[image_field(sample)])
-            rgb = pixels if pixels.shape[2] == 3 else np.ascontiguousarray(pixels[..., :3])
-            found[key] = RealPatch(key, ident, col, row, rgb, embedding, pixels)
-    missing = sorted(set(rows.key) - set(found))
+            seen.add(key)
+            yield sample, decode_npy(sample[field]).reshape(-1).astype(np.float32), wanted[key]
+    missing = sorted(set(rows.key) - seen)
     if missing:
         raise StageOutputError(f"{inputs_dir}: {len(missing)} indexed patches not found in their shards, "
                                f"e.g. {missing[:3]}")
+
+
+def read_patches(index: EmbeddingIndex, rows: pd.DataFrame, embedding_key: str) -> dict[str, RealPatch]:
+    """Image and embedding of each of the index's `rows`, read shard by shard."""
+    found: dict[str, RealPatch] = {}
+    for sample, embedding, (ident, col, row) in _indexed_samples(index, rows, embedding_key):
+        key = sample["__key__"]
+        pixels = decode_bands(sample[image_field(sample)])
+        rgb = pixels if pixels.shape[2] == 3 else np.ascontiguousarray(pixels[..., :3])
+        found[key] = RealPatch(key, ident, col, row, rgb, embedding, pixels)
     return found
+
+
+def iter_embeddings(index: EmbeddingIndex, rows: pd.DataFrame, embedding_key: str):
+    """(key, embedding float32 (D,)) of each of the index's `rows`, shard by shard, images not
+    decoded: memory holds one sample whatever the number of rows."""
+    for sample, embedding, _ in _indexed_samples(index, rows, embedding_key):
+        yield sample["__key__"], embedding

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +39,8 @@ def window_embeddings(grid: torch.Tensor, origins: Sequence[tuple[int, int]], ce
     """Embedding grid (rows, cols, D) and window origins in latent pixels -> (N, D) embeddings."""
     if grid.ndim != 3:
         raise ValueError(f"embedding grid must be (rows, cols, D), got shape {tuple(grid.shape)}")
+    if not origins:  # every window over glass
+        return grid.new_zeros((0, grid.shape[2]))
     # Replicate the last row and column: (rows + 1, cols + 1, D).
     padded = F.pad(grid.permute(2, 0, 1)[None], (0, 1, 0, 1), mode="replicate")[0].permute(1, 2, 0)
     position = torch.tensor(origins, dtype=torch.float64) / cell
@@ -49,6 +52,21 @@ def window_embeddings(grid: torch.Tensor, origins: Sequence[tuple[int, int]], ce
     top = slerp(column_fraction, padded[row, column], padded[row, column + 1])
     bottom = slerp(column_fraction, padded[row + 1, column], padded[row + 1, column + 1])
     return slerp(row_fraction, top, bottom)
+
+
+def fill_background(grid: torch.Tensor, tissue: np.ndarray) -> torch.Tensor:
+    """The grid with every background cell (tissue False) given the embedding of its nearest tissue
+    cell, so that a window at the edge of the tissue is conditioned on tissue only (a background
+    cell has no embedding of its own: tiling keeps tissue patches only)."""
+    from scipy.ndimage import distance_transform_edt
+
+    tissue = np.asarray(tissue, dtype=bool)
+    if tissue.shape != tuple(grid.shape[:2]):
+        raise ValueError(f"tissue mask of shape {tissue.shape} for a {tuple(grid.shape[:2])} grid")
+    if tissue.all() or not tissue.any():
+        return grid
+    _, (rows, columns) = distance_transform_edt(~tissue, return_indices=True)
+    return grid[torch.from_numpy(rows), torch.from_numpy(columns)]
 
 
 @torch.no_grad()

@@ -127,12 +127,10 @@ PNG_MAX_SIDE = 4096  # Pillow holds a PNG whole in memory; larger images are TIF
 
 
 @dataclass(frozen=True)
-class LargeImageSettings:
-    """The config's `large_image:` table: which regions, the mode and its overrides (None: the
-    mode's value), what is written, and where it runs."""
+class RenderSettings:
+    """How a config table asks for large-image sampling: a mode and its overrides (None: the mode's
+    value). The `large_image:`, `generate:` and `synthesize_slide:` tables all start with these."""
 
-    k: int = 4
-    regions: int = 4
     mode: str = "fast"
     sampler: str | None = None
     steps: int | None = None
@@ -146,19 +144,10 @@ class LargeImageSettings:
     feature_reuse: int | None = None
     precision: str = "auto"
     compile_unet: bool = False
-    png_max_side: int = PNG_MAX_SIDE
-    tiff: bool = True
-    jpeg_quality: int = 95  # of the pyramidal TIFFs' JPEG tiles (4:4:4, as the patches)
-    device: str = "auto"
-    devices: int = 1  # GPUs of one node that share every step's windows (torchrun)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: expected one of {sorted(MODES)}")
-        if self.k < 1 or self.regions < 1:
-            raise ValueError("k and regions must be positive")
-        if self.png_max_side > PNG_MAX_SIDE:
-            raise ValueError(f"png_max_side {self.png_max_side}: PNGs are written up to {PNG_MAX_SIDE} px")
 
     def overrides(self) -> dict[str, Any]:
         """The sampler settings that replace the mode's (those that are set)."""
@@ -169,3 +158,24 @@ class LargeImageSettings:
     def sampler_config(self, window: int) -> LargeImageConfig:
         """The mode's sampler settings for a model with `window`-latent windows, overrides applied."""
         return large_image_config(self.mode, window, self.overrides())
+
+
+@dataclass(frozen=True)
+class LargeImageSettings(RenderSettings):
+    """The config's `large_image:` table: which regions, the mode and its overrides, what is
+    written, and where it runs."""
+
+    k: int = 4
+    regions: int = 4
+    png_max_side: int = PNG_MAX_SIDE
+    tiff: bool = True
+    jpeg_quality: int = 95  # of the pyramidal TIFFs' JPEG tiles (4:4:4, as the patches)
+    device: str = "auto"
+    devices: int = 1  # GPUs of one node that share every step's windows (torchrun)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1 or self.regions < 1:
+            raise ValueError("k and regions must be positive")
+        if self.png_max_side > PNG_MAX_SIDE:
+            raise ValueError(f"png_max_side {self.png_max_side}: PNGs are written up to {PNG_MAX_SIDE} px")

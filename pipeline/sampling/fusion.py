@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 
 from pipeline.models.guidance import guided_epsilon, needs_unconditional
 from pipeline.sampling.denoiser import WindowDenoiser
-from pipeline.sampling.windows import WindowLayout
+from pipeline.sampling.windows import WindowLayout, WindowSubset
 
 CPU_WINDOW_BATCH = 32  # on a CPU larger calls are no faster, only larger
 GPU_MEMORY_SHARE = 0.7  # of the free memory a chunk may take (the rest: allocator slack, decode)
@@ -34,9 +34,9 @@ class WindowFusion:
     def __init__(
         self,
         unet: UNet2DConditionModel | WindowDenoiser,
-        layout: WindowLayout,
+        layout: WindowLayout | WindowSubset,
         contexts: torch.Tensor,
-        unconditional: torch.Tensor,
+        unconditional: torch.Tensor | None,
         guidance_scale: float,
         window_batch: int | None,
         window_weights: torch.Tensor | None = None,
@@ -52,16 +52,18 @@ class WindowFusion:
         self.calls = 0
         self.set_layout(layout, contexts)
 
-    def set_layout(self, layout: WindowLayout, contexts: torch.Tensor) -> None:
+    def set_layout(self, layout: WindowLayout | WindowSubset, contexts: torch.Tensor) -> None:
         """Use these windows (and their contexts) from the next prediction on."""
         if len(contexts) != len(layout):
             raise ValueError(f"{len(contexts)} contexts for {len(layout)} windows")
         self.layout = layout
         self.origins = layout.origins
         self.contexts = contexts
-        self.coverage = layout.coverage() if self.window_weights is None else self._weight_sum(layout)
+        coverage = layout.coverage() if self.window_weights is None else self._weight_sum(layout)
+        # Pixels no window covers (a subset's glass) get x0 0 instead of 0 / 0.
+        self.coverage = torch.where(coverage > 0, coverage, torch.ones_like(coverage))
 
-    def _weight_sum(self, layout: WindowLayout) -> torch.Tensor:
+    def _weight_sum(self, layout: WindowLayout | WindowSubset) -> torch.Tensor:
         total = torch.zeros(layout.height, layout.width)
         size = layout.window
         for r, c in layout.origins:
@@ -120,6 +122,8 @@ class WindowFusion:
         noise_ratio = float(np.sqrt((1 - alpha_bar) / alpha_bar))
         size = self.layout.window
         x0_sum = torch.zeros_like(canvas[0])
+        if not self.origins:  # a canvas of glass only: nothing to predict
+            return x0_sum[None]
         chunk = self.chunk_size(canvas)
         rank, world = distributed_rank()
         for start in list(range(0, len(self.origins), chunk))[rank::world]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -13,15 +13,15 @@ import torch.distributed as dist
 from pipeline.io.precision import autocast
 from pipeline.models.diffusion_pipeline import RLDiffPipeline
 from pipeline.models.guidance import needs_unconditional
-from pipeline.sampling.conditions import window_contexts
+from pipeline.sampling.conditions import fill_background, window_contexts
 from pipeline.sampling.config import LargeImageConfig
-from pipeline.sampling.decode import blended_bands, decode_large_image, fitting_decode_batch
+from pipeline.sampling.decode import Glass, blended_bands, decode_large_image, fitting_decode_batch
 from pipeline.sampling.denoiser import WindowDenoiser
 from pipeline.sampling.fusion import WindowFusion, distributed_rank
 from pipeline.sampling.seams import seam_score, window_boundaries
 from pipeline.sampling.steppers import make_stepper
 from pipeline.sampling.weights import window_weights
-from pipeline.sampling.windows import WindowLayout, max_shift
+from pipeline.sampling.windows import WindowLayout, WindowSubset, max_shift
 
 SHIFT_STREAM = 0x5D1F7  # the window-shift generator's seed offset: its own stream, apart from the noise
 
@@ -49,14 +49,40 @@ def as_grid(embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
     return grid.float()
 
 
+def evaluated_windows(layout: WindowLayout, glass: Glass | None, pinned_rows: int = 0) -> WindowLayout | WindowSubset:
+    """The windows of `layout` that are sampled: not lying on the first `pinned_rows` latent rows
+    entirely, and (with a glass mask) overlapping a tissue cell in their unpinned part."""
+    if glass is None and not pinned_rows:
+        return layout
+    window = layout.window
+
+    def keep(row: int, column: int) -> bool:
+        if row + window <= pinned_rows:
+            return False
+        if glass is None:
+            return True
+        top = max(row, pinned_rows)  # only the unpinned part of the window counts
+        return glass.has_tissue(top, column, row + window - top, window)
+
+    return WindowSubset(layout, keep)
+
+
 class LargeImageSampler:
     """Samples the latent canvas of a [rows, cols, D] embedding grid.
 
     Window conditions are computed once; every trajectory starts a fresh generator (config.seed)
     and a fresh step rule, so repeated runs give the same canvases.
+
+    tissue: the grid's (rows, cols) presence mask, or None (all tissue). Windows that overlap no
+    tissue cell are never evaluated (their pixels are glass: x0 0, decoded white), and background
+    cells lend the SLERP the embedding of their nearest tissue cell.
+    pinned: (1, C, p, W) latents known for the canvas's first p rows (the finished band above a
+    band of a whole slide): their x0 is that latent at every step, and windows that lie on them
+    entirely are not evaluated, so the new rows are sampled in the context of the fixed ones.
     """
 
-    def __init__(self, model: RLDiffPipeline, embeddings: torch.Tensor | np.ndarray, config: LargeImageConfig) -> None:
+    def __init__(self, model: RLDiffPipeline, embeddings: torch.Tensor | np.ndarray, config: LargeImageConfig,
+                 tissue: np.ndarray | None = None, pinned: torch.Tensor | None = None) -> None:
         if model.latent_size != config.window:
             raise ValueError(f"the model samples {model.latent_size}x{model.latent_size} latents, but the "
                              f"configured window is {config.window}")
@@ -66,13 +92,22 @@ class LargeImageSampler:
         rows, cols, _ = self.grid.shape
         window = config.window
         self.layout = WindowLayout(rows * window, cols * window, window, config.stride)
+        self.tissue = None if tissue is None else np.asarray(tissue, dtype=bool)
+        if self.tissue is not None:
+            self.grid = fill_background(self.grid, self.tissue)
+        if pinned is not None and (pinned.shape[3] != self.layout.width or pinned.shape[2] % window):
+            raise ValueError(f"pinned latents of shape {tuple(pinned.shape)}: whole cell rows of the "
+                             f"{self.layout.width}-wide canvas expected")
+        self.pinned = pinned
+        self.glass = Glass(self.tissue, window) if self.tissue is not None else None
         condition = model.condition
         denoiser = WindowDenoiser(model.unet, config.precision, config.feature_reuse, config.reuse_depth,
                                   config.compile_unet)
+        self.fused_layout, active = self.layout, self.active(self.layout)  # the windows the fusion holds
         self.fusion = WindowFusion(
             unet=denoiser,
-            layout=self.layout,
-            contexts=self.contexts(self.layout),
+            layout=active,
+            contexts=self.contexts(active),
             unconditional=condition.null_context(1),
             guidance_scale=config.guidance_scale,
             window_batch=config.window_batch,
@@ -82,11 +117,15 @@ class LargeImageSampler:
         )
         self.device = next(model.unet.parameters()).device
 
+    def active(self, layout: WindowLayout) -> WindowLayout | WindowSubset:
+        """The windows that are evaluated: those over tissue cells below the pinned rows."""
+        return evaluated_windows(layout, self.glass, 0 if self.pinned is None else self.pinned.shape[2])
+
     @property
     def evaluations_per_window(self) -> int:
         return 2 if needs_unconditional(self.config.guidance_scale) else 1
 
-    def contexts(self, layout: WindowLayout) -> torch.Tensor:
+    def contexts(self, layout: WindowLayout | WindowSubset) -> torch.Tensor:
         return window_contexts(self.model.condition, self.grid, layout.origins, self.config.window)
 
     def shifted_layouts(self) -> Iterator[WindowLayout]:
@@ -112,22 +151,30 @@ class LargeImageSampler:
         canvas = stepper.initial_canvas(self.canvas_shape, generator).to(self.device)
         yield canvas
         layouts = self.shifted_layouts()
+        pinned = None if self.pinned is None else self.pinned.to(self.device, canvas.dtype)
         for step, t in enumerate(stepper.timesteps):
             self.fusion.denoiser.begin_step(step)
             layout = next(layouts)
-            if layout is not self.fusion.layout:
-                self.fusion.set_layout(layout, self.contexts(layout))
+            if layout is not self.fused_layout:
+                self.fused_layout, active = layout, self.active(layout)
+                self.fusion.set_layout(active, self.contexts(active))
             x0 = self.fusion.predict_x0(canvas, stepper.model_timestep(t), stepper.alpha_bar(t))
+            if pinned is not None:
+                x0[:, :, : pinned.shape[2]] = pinned
             canvas = stepper.step(t, canvas, x0, generator)
             yield canvas
 
-    def sample(self) -> tuple[torch.Tensor, SamplingStats]:
-        """The final canvas (1, C, H, W) and what producing it cost."""
+    def sample(self, on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, SamplingStats]:
+        """The final canvas (1, C, H, W) and what producing it cost; on_step(windows) after each step."""
         started = time.perf_counter()
         evaluations, calls = self.fusion.evaluations, self.fusion.calls
         steps = -1  # the first canvas is the start, not a step
         for canvas in self.trajectory():
             steps += 1
+            if steps and on_step is not None:
+                on_step(len(self.fusion.origins))
+        if self.pinned is not None:  # exactly the known latents (the last x0 is, up to the step rule)
+            canvas[:, :, : self.pinned.shape[2]] = self.pinned.to(canvas.device, canvas.dtype)
         # Each rank counted its own windows; the sample's cost is their sum.
         counts = torch.tensor([self.fusion.evaluations - evaluations, self.fusion.calls - calls])
         if distributed_rank()[1] > 1:
@@ -157,17 +204,19 @@ def _decode_arguments(model: RLDiffPipeline, latent: torch.Tensor, config: Large
 
 
 def decode_canvas(
-    model: RLDiffPipeline, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None
+    model: RLDiffPipeline, latent: torch.Tensor, config: LargeImageConfig, out: np.ndarray | None = None,
+    glass: Glass | None = None,
 ) -> np.ndarray:
-    """The window-blended uint8 image of a latent canvas (written into `out` when given)."""
-    return decode_large_image(*_decode_arguments(model, latent, config), out=out, bands=model.image_bands)
+    """The window-blended uint8 image of a latent canvas (written into `out` when given), glass white."""
+    return decode_large_image(*_decode_arguments(model, latent, config), out=out, bands=model.image_bands,
+                              glass=glass)
 
 
 def decoded_bands(
-    model: RLDiffPipeline, latent: torch.Tensor, config: LargeImageConfig
+    model: RLDiffPipeline, latent: torch.Tensor, config: LargeImageConfig, glass: Glass | None = None
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Stream of (first row, uint8 rows) bands; see decode.blended_bands."""
-    return blended_bands(*_decode_arguments(model, latent, config))
+    """Stream of (first row, uint8 rows) bands, glass white; see decode.blended_bands."""
+    return blended_bands(*_decode_arguments(model, latent, config), glass=glass, bands=model.image_bands)
 
 
 def generate_large_image(
@@ -176,10 +225,13 @@ def generate_large_image(
     config: LargeImageConfig,
     decode: bool = True,
     out: np.ndarray | None = None,
+    tissue: np.ndarray | None = None,
 ) -> LargeImage:
-    """Sample the canvas for an embedding grid and (optionally) decode it."""
-    latent, stats = LargeImageSampler(model, embeddings, config).sample()
-    image = decode_canvas(model, latent, config, out=out) if decode else None
+    """Sample the canvas for an embedding grid and (optionally) decode it; `tissue` (rows, cols):
+    the presence mask, background cells cost no UNet call and are white (see LargeImageSampler)."""
+    sampler = LargeImageSampler(model, embeddings, config, tissue=tissue)
+    latent, stats = sampler.sample()
+    image = decode_canvas(model, latent, config, out=out, glass=sampler.glass) if decode else None
     return LargeImage(latent=latent, image=image, stats=stats)
 
 

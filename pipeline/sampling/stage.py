@@ -111,15 +111,15 @@ def pixel_size_um(resolution: float, kind: str) -> float:
     return resolution * 1e6 if kind == "aerial" else resolution
 
 
-def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarray, folder: Path,
-                    config: LargeImageConfig, pixel_um: float, png_max_side: int, tiff: bool,
-                    jpeg_quality: int, georeference: Georeference | None = None,
-                    band_names: list[str] | None = None) -> dict[str, Any]:
-    """Sample, decode (streamed into a disk memmap) and write one region's files into `folder`.
+def write_generated_image(sampler: LargeImageSampler, folder: Path, pixel_um: float, png_max_side: int,
+                          tiff: bool, jpeg_quality: int, georeference: Georeference | None = None,
+                          band_names: list[str] | None = None) -> dict[str, Any]:
+    """Sample, decode (streamed into a disk memmap, glass white) and write `generated.png` (up to
+    png_max_side) and/or the pyramidal `generated.tif` into `folder`; returns the files and costs.
 
-    PNG and pyramidal TIFF are RGB (the first three bands of the decoder's output and of
-    `reference`); with a georeference, every band of both also goes into a GeoTIFF."""
-    sampler = LargeImageSampler(model, grid, config)
+    PNG and pyramidal TIFF are RGB (the first three bands of the decoder's output); with a
+    georeference, every band also goes into a GeoTIFF."""
+    model, config = sampler.model, sampler.config
     latent, stats = sampler.sample()
     factor = model.downsampling_factor
     height, width = latent.shape[2] * factor, latent.shape[3] * factor
@@ -127,7 +127,7 @@ def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarr
     image = np.lib.format.open_memmap(canvas_path, mode="w+", dtype=np.uint8,
                                       shape=(height, width, model.image_bands))
     decode_started = time.perf_counter()
-    for top, rows in decoded_bands(model, latent, config):
+    for top, rows in decoded_bands(model, latent, config, sampler.glass):
         image[top : top + len(rows)] = rows
         image.flush()
         release_mapped_pages(image)  # written rows live on in the file, not in this process
@@ -144,9 +144,26 @@ def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarr
         write_geotiff(folder / GENERATED_GEOTIFF, image, georeference.crs, georeference.transform,
                       band_descriptions=band_names, description="rldiff generated image")
         files["generated_geotiff"] = GENERATED_GEOTIFF
-    seam = large_image_seam_score(StreamedRows(image), tuple(latent.shape), config, factor)
+    # Glass (white, flat) would read as texture jumps at its edges: scored only for all-tissue images.
+    all_tissue = sampler.tissue is None or bool(sampler.tissue.all())
+    seam = large_image_seam_score(StreamedRows(image), tuple(latent.shape), config, factor) if all_tissue else None
     del image
     remove_path(canvas_path)
+    return {**files, "width": width, "height": height, "seam_score": seam, "windows": stats.windows,
+            "steps": stats.steps, "unet_evaluations": stats.unet_evaluations, "unet_calls": stats.unet_calls,
+            "sampling_seconds": round(stats.seconds, 3), "decode_seconds": round(decode_seconds, 3)}
+
+
+def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarray, folder: Path,
+                    config: LargeImageConfig, pixel_um: float, png_max_side: int, tiff: bool,
+                    jpeg_quality: int, georeference: Georeference | None = None,
+                    band_names: list[str] | None = None) -> dict[str, Any]:
+    """One region's generated image, reference and embeddings, written into `folder`. PNG and
+    pyramidal TIFF are RGB (the first three bands); with a georeference, every band of both also
+    goes into a GeoTIFF."""
+    record = write_generated_image(LargeImageSampler(model, grid, config), folder, pixel_um, png_max_side, tiff,
+                                   jpeg_quality, georeference, band_names)
+    files = {}
     if max(reference.shape[:2]) <= png_max_side:
         write_png(folder / "reference.png", rgb_view(reference))
         files["reference_png"] = "reference.png"
@@ -159,9 +176,8 @@ def generate_region(model: RLDiffPipeline, grid: np.ndarray, reference: np.ndarr
                       band_descriptions=band_names, description="rldiff reference region")
         files["reference_geotiff"] = REFERENCE_GEOTIFF
     np.save(folder / REGION_EMBEDDINGS, grid)
-    return {**files, "width": width, "height": height, "seam_score": seam, "windows": stats.windows,
-            "steps": stats.steps, "unet_evaluations": stats.unet_evaluations, "unet_calls": stats.unet_calls,
-            "sampling_seconds": round(stats.seconds, 3), "decode_seconds": round(decode_seconds, 3)}
+    generated = {name: record.pop(name) for name in IMAGE_COLUMNS if name in record}
+    return {**generated, **files, **record}
 
 
 def generate_large_images(model_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path, *, dataset: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +66,34 @@ class WindowLayout:
         for offset in self.column_offsets:
             columns[offset : offset + self.window] += 1
         return rows[:, None] * columns[None, :]
+
+
+def cells_under(origin: int, window: int, cell: int) -> range:
+    """Indices of the cells of side `cell` that a window [origin, origin + window) overlaps."""
+    return range(origin // cell, (origin + window - 1) // cell + 1)
+
+
+@dataclass(frozen=True, eq=False)
+class WindowSubset:
+    """The windows of a layout that `keep(row, column)` accepts (e.g. those over tissue), with the
+    layout's interface; pixels no kept window covers have coverage 0."""
+
+    layout: WindowLayout
+    keep: Callable[[int, int], bool]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "origins", [o for o in self.layout.origins if self.keep(*o)])
+
+    height = property(lambda self: self.layout.height)
+    width = property(lambda self: self.layout.width)
+    window = property(lambda self: self.layout.window)
+    stride = property(lambda self: self.layout.stride)
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def coverage(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        total = torch.zeros(self.height, self.width, dtype=dtype, device=device)
+        for row, column in self.origins:
+            total[row : row + self.window, column : column + self.window] += 1
+        return total

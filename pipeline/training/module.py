@@ -38,35 +38,75 @@ def null_condition_input(embeddings: torch.Tensor, drop: torch.Tensor) -> torch.
 
 
 class EMA(nn.Module):
-    """Exponential moving average of (UNet, condition stage), as CompVis LitEma.
+    """Exponential moving average of named modules (the LDM: unet and condition), as CompVis LitEma.
 
     decay_t = min(decay, (1 + t) / (10 + t)) for update number t, so early averages are not
-    dominated by the random initialisation. The copies and the update counter are in the module's
-    state dict (so in every checkpoint); never trained.
+    dominated by the random initialisation. The copies (state-dict keys ``<name>.*``) and the
+    update counter are in the module's state dict (so in every checkpoint); never trained.
     """
 
-    def __init__(self, unet: nn.Module, condition: nn.Module, decay: float) -> None:
+    def __init__(self, decay: float, **modules: nn.Module) -> None:
         super().__init__()
         self.decay = decay
-        self.unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        self.condition = copy.deepcopy(condition).requires_grad_(False).eval()
+        self.names = tuple(modules)
+        for name, module in modules.items():
+            self.add_module(name, copy.deepcopy(module).requires_grad_(False).eval())
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.int64))
 
     def train(self, mode: bool = True) -> EMA:  # always in eval mode
         return super().train(False)
 
     @torch.no_grad()
-    def update(self, unet: nn.Module, condition: nn.Module) -> None:
+    def update(self, **modules: nn.Module) -> None:
         step = int(self.num_updates)
         decay = min(self.decay, (1 + step) / (10 + step))
-        for ema_model, model in ((self.unet, unet), (self.condition, condition)):
-            ema_params = list(ema_model.parameters())
-            params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
+        for name in self.names:
+            ema_params = list(getattr(self, name).parameters())
+            params = [p.detach().to(e.dtype) for p, e in zip(modules[name].parameters(), ema_params, strict=True)]
             torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         self.num_updates += 1
 
 
-class LatentDiffusion(L.LightningModule):
+class DiffusionTrainingModule(L.LightningModule):
+    """What every diffusion model trained here shares: the logged loss, the EMA update right after
+    each optimizer step, AdamW with LID's linear warm-up. A subclass sets ``self.config`` (with
+    learning_rate, adam_betas, weight_decay, warmup_steps), ``self.ema`` (an EMA or None) and
+    defines ``diffusion_loss(batch)`` and ``trained_modules()``; its batches hold ``noise``."""
+
+    config: Any
+    ema: EMA | None
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """The modules the optimizer trains and the EMA averages, by name."""
+        raise NotImplementedError
+
+    def diffusion_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        size = len(batch["noise"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after each optimizer step, before any callback (e.g. a checkpoint) sees the step.
+        if self.ema is not None:
+            self.ema.update(**self.trained_modules())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = self.config
+        params = [p for module in self.trained_modules().values() for p in module.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas,
+                                      weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_factor(step, config.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+class LatentDiffusion(DiffusionTrainingModule):
     def __init__(self, config: TrainConfig, unet: UNet2DConditionModel | None = None,
                  condition: PatchEmbeddingCondition | None = None) -> None:
         super().__init__()
@@ -91,7 +131,7 @@ class LatentDiffusion(L.LightningModule):
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.noise_scheduler = DDPMScheduler.from_config(config.scheduler_config())
-        self.ema = EMA(self.unet, self.condition, config.ema_decay) if config.ema_decay else None
+        self.ema = EMA(config.ema_decay, **self.trained_modules()) if config.ema_decay else None
 
     # --- model -------------------------------------------------------------------------------------
     def context(self, embeddings: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,28 +146,8 @@ class LatentDiffusion(L.LightningModule):
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         return F.mse_loss(prediction.float(), noise.float())
 
-    # --- Lightning hooks ---------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["latents"]))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
-                 batch_size=len(batch["latents"]))
-        return loss
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # Right after each optimizer step, before any callback (e.g. a checkpoint) sees the step.
-        if self.ema is not None:
-            self.ema.update(self.unet, self.condition)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = self.config
-        params = [*self.unet.parameters(), *self.condition.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas,
-                                      weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_factor(step, config.warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "condition": self.condition}
 
     # --- for export ---------------------------------------------------------------------------------
     def export_models(self, use_ema: bool = True) -> tuple[UNet2DConditionModel, PatchEmbeddingCondition]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "num_workers"
 LAST = "last.ckpt"
 
 
-def resolve_precision(config: TrainConfig) -> str:
+def resolve_precision(config: Any) -> str:
     """``auto``: bf16 mixed precision on CUDA, full float32 on the CPU."""
     if config.precision != "auto":
         return config.precision
@@ -134,7 +134,7 @@ class LossHistory(Callback):
         self.losses.append(float(outputs["loss"].detach()))
 
 
-def build_trainer(config: TrainConfig, run_dir: str | Path, callbacks: Sequence[Callback] = (),
+def build_trainer(config: Any, run_dir: str | Path, callbacks: Sequence[Callback] = (),
                   env: Mapping[str, str] | None = None, **overrides: Any) -> L.Trainer:
     run_dir = Path(run_dir)
     decision = choose_cluster_environment(os.environ if env is None else env, config.devices, config.num_nodes)
@@ -174,8 +174,11 @@ class ResumeCheckpointError(PipelineError):
     """A run folder's last.ckpt that training cannot continue from; the message names the file and why."""
 
 
-def read_resume_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
-    """The checkpoint to continue from, checked: readable, written by this stage, same settings."""
+def read_resume_checkpoint(path: Path, config: Any) -> dict[str, Any]:
+    """The checkpoint to continue from, checked: readable, written by this stage, same settings.
+
+    ``config``: the run's settings (TrainConfig, or another training's dataclass with ``from_dict``
+    and ``to_dict``), saved in the checkpoint's hyper-parameters as ``train_config``."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # noqa: BLE001 - truncated, foreign or not a torch file at all
@@ -186,7 +189,7 @@ def read_resume_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
         raise ResumeCheckpointError(f"{path}: not a checkpoint of this training stage (no train_config and "
                                     "state_dict); move it away to start the run over")
     try:
-        settings = TrainConfig.from_dict(settings).to_dict()  # older spellings renewed
+        settings = type(config).from_dict(settings).to_dict()  # older spellings renewed
     except PipelineError as exc:
         raise ResumeCheckpointError(f"{path}: its training settings are no longer valid ({exc}); use a new "
                                     "run folder") from exc
@@ -198,7 +201,7 @@ def read_resume_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     return saved
 
 
-def check_weights_fit(state: Mapping[str, torch.Tensor], module: LatentDiffusion, path: Path) -> None:
+def check_weights_fit(state: Mapping[str, torch.Tensor], module: L.LightningModule, path: Path) -> None:
     """Name the keys and shapes that differ, before Lightning's load fails without naming the file."""
     expected = module.state_dict()
     missing = sorted(expected.keys() - state.keys())
@@ -220,6 +223,16 @@ def train(config: TrainConfig, shard_paths: Sequence[str | Path], run_dir: str |
           callbacks: Sequence[Callback] = (), env: Mapping[str, str] | None = None,
           **trainer_overrides: Any) -> tuple[L.Trainer, LatentDiffusion]:
     """Train (or continue training) until ``config.max_steps``; returns the trainer and the module."""
+    return fit_resumable(config, run_dir, lambda resuming: build_module(config, load_init_weights=not resuming),
+                         LatentDataModule(shard_paths, config), callbacks, env, **trainer_overrides)
+
+
+def fit_resumable(config: Any, run_dir: str | Path, build: Callable[[bool], L.LightningModule],
+                  data: L.LightningDataModule, callbacks: Sequence[Callback] = (),
+                  env: Mapping[str, str] | None = None, **trainer_overrides: Any) -> tuple[L.Trainer, Any]:
+    """Fit ``build(resuming)`` on ``data`` until ``config.max_steps``, continuing from the run folder's
+    ``last.ckpt`` (checked against ``config``) when there is one; ``last.ckpt`` is the final state.
+    Shared by every model trained here: the data module must resume at the trainer's global step."""
     run_dir = Path(run_dir)
     remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
     resume = last_checkpoint(run_dir)
@@ -227,10 +240,9 @@ def train(config: TrainConfig, shard_paths: Sequence[str | Path], run_dir: str |
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    module = build_module(config, load_init_weights=resume is None)
+    module = build(resume is not None)
     if saved is not None:
         check_weights_fit(saved["state_dict"], module, resume)
-    data = LatentDataModule(shard_paths, config)
     trainer = build_trainer(config, run_dir, callbacks, env, **trainer_overrides)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)
     # The periodic checkpoint may not fall on the last step: make last.ckpt the final state.
