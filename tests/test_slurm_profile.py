@@ -96,6 +96,9 @@ def write_config(work: Path, datasets: list[str], devices: int) -> Path:
     template = config["datasets"]["demo_he_20x"]
     config["datasets"] = {name: {**template, "inputs": [str(DEMO_SLIDE)]} for name in datasets}
     config["training"]["devices"] = devices
+    # The demo trains its autoencoder on demo_he_20x, which these datasets replace; a random one keeps
+    # the jobs under test the four stages' (train_autoencoder's routing: the --forceall dry run below).
+    config["latents"]["autoencoder"] = {"kind": "random", "preset": "tiny-vq-f16", "allow_random_weights": True}
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -199,7 +202,7 @@ def test_every_gpu_rule_goes_to_the_gpu_partition(tmp_path):
     for rule, resources in dry_run_resources("--configfile", str(config), "--directory", str(tmp_path),
                                              cwd=tmp_path).items():
         jobs.setdefault(rule, []).extend(resources)
-    assert {"tile_input", "embed_input", "latents_input", "train_dataset"} <= set(jobs)
+    assert {"tile_input", "embed_input", "train_autoencoder", "latents_input", "train_dataset"} <= set(jobs)
     for rule, resources in jobs.items():
         for job in resources:
             wants_gpu = int(job.get("gpu", 0)) > 0
