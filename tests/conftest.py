@@ -19,6 +19,14 @@ import pytest
 from helpers import SHARED, SHARED_DATA
 
 
+def pytest_configure(config):
+    # Under pytest-xdist each worker gets its share of the cores as torch/OpenMP threads (and so do the
+    # subprocesses it starts): two workers with two threads each on two cores run slower than one.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
 def _needs_shared(item: pytest.Item) -> bool:
     if "shared_data" in getattr(item, "fixturenames", ()):
         return True
