@@ -142,6 +142,11 @@ def test_the_large_image_is_a_georeferenced_four_band_geotiff_beside_an_rgb_png(
             assert Image.open(large / row.reference_png).mode == "RGB"
     record = json.loads((large / row.region / "region.json").read_text())
     assert record["georeference"]["crs"] == "EPSG:26914"
+    from pipeline.sampling.outputs import read_large_images  # the stage's own reader finds both
+
+    region = read_large_images(large).regions[0]
+    assert (region.generated_geotiff, region.reference_geotiff) == (large / row.generated_geotiff,
+                                                                    large / row.reference_geotiff)
     assert record["georeference"]["transform"] == pytest.approx(list(expected)[:6])
 
 

@@ -145,6 +145,8 @@ class GeneratedRegion:
     embeddings: np.ndarray           # float32 [k, k, D]; cell (r, c) conditioned the patch-sized square (r, c)
     settings: dict[str, Any]         # the manifest row's other columns: mode, sampler, seed, width, seam score, ...
     info: dict[str, Any] = field(default_factory=dict)  # region.json
+    generated_geotiff: Path | None = None  # every band, georeferenced (aerial regions only)
+    reference_geotiff: Path | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,8 +205,11 @@ def _read_region(folder: Path, manifest_path: Path, row: pd.Series) -> Generated
     generated, reference = _existing(folder, [images["generated"], images["reference"]], f"region {name}")
     place = {c: _plain(row.get(c)) for c in ("input_id", "col", "row")}
     settings = {c: _plain(v) for c, v in row.items() if c not in REGION_FACTS}
+    geotiffs = {side: _plain(row.get(f"{side}_geotiff")) for side in ("generated", "reference")}
+    geotiffs = {side: _existing(folder, [path], f"region {name}")[0] if isinstance(path, str) and path else None
+                for side, path in geotiffs.items()}
     return GeneratedRegion(name, k, place["input_id"], place["col"], place["row"], generated, reference, embeddings,
-                  settings, info)
+                           settings, info, geotiffs["generated"], geotiffs["reference"])
 
 
 def read_large_images(folder: str | Path) -> LargeImages:
