@@ -33,10 +33,12 @@ def read_json_file(path: Path) -> dict[str, Any]:
     """A JSON object."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise StageOutputError(f"{path}: cannot read: {exc}") from exc
+    except ValueError as exc:  # a JSON or a UTF-8 decode error
+        raise StageOutputError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise StageOutputError(f"{path}: expected a JSON object")
+        raise StageOutputError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -8,7 +8,6 @@ patch). A small reader of its own for now; the sampling stage's reader replaces 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.io.large_image_files import UM_PER_M
+from pipeline.io.stage_files import read_json_file
 
 MANIFEST = "manifest.parquet"
 
@@ -50,15 +50,9 @@ class Region:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         raise PipelineError(f"{path}: not found (an unfinished large-image run? rerun `snakemake large_image`)")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise PipelineError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_file(path)
 
 
 def read_table(path: Path) -> pd.DataFrame:
