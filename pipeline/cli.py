@@ -133,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.training.outputs import write_training_done
     from pipeline.training.run import last_checkpoint, train
 
-    from pipeline.training.run import ProgressLines
+    from pipeline.io.lightning_run import ProgressLines
 
     config = training_config(_table(args.settings), args.embedding_key, args.holdout_fraction, args.seed)
     every = args.progress_every or max(1, config.max_steps // 20)

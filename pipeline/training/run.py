@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from pipeline.errors import PipelineError
-from pipeline.io.lightning_run import AtomicCheckpointIO, ProgressLines, remove_stale_temporaries  # noqa: F401 (re-exported)
+from pipeline.io.lightning_run import AtomicCheckpointIO, remove_stale_temporaries
 from pipeline.models.condition import PatchEmbeddingCondition
 from pipeline.models.lid_release import find_config, load_lid_release
 from pipeline.models.lid_config import read_lid_config
