@@ -1,7 +1,7 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
 #   snakemake --cores N            every stage, report assets included
 #   snakemake --cores N tile       one stage (targets: tile, stain, embed, autoencoder, latents, train,
-#                                  sample, large_image, evaluate, report, viewer)
+#                                  prior, sample, large_image, generate, evaluate, report, viewer)
 #   snakemake --report report.html the report: one self-contained HTML file (after the run)
 #   results/viewer/index.html      the deep-zoom viewer of the large images (open it in a browser)
 # Configuration: validated against pipeline/schemas/workflow_config.schema.yaml, which holds every
@@ -34,8 +34,10 @@ include: "rules/embed.smk"
 include: "rules/autoencoder.smk"
 include: "rules/latents.smk"
 include: "rules/train.smk"
+include: "rules/prior.smk"
 include: "rules/sample.smk"
 include: "rules/large_image.smk"
+include: "rules/generate.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 include: "rules/viewer.smk"
@@ -50,6 +52,7 @@ rule all:
         rules.train.input,
         rules.sample.input,
         rules.large_image.input,
+        rules.generate.input,
         rules.evaluate.input,
         rules.report.input,
         rules.viewer.input,

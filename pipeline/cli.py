@@ -118,6 +118,37 @@ def _train_autoencoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_prior(args: argparse.Namespace) -> int:
+    from pipeline.io.lightning_run import ProgressLines
+    from pipeline.prior.run import train_prior
+    from pipeline.prior.settings import PriorSettings
+
+    spec = DatasetSpec.from_json(args.spec)
+    settings = settings_from_table(PriorSettings, _table(args.settings), "prior", embedding_key=spec.encoders[0],
+                                   seed=args.seed)
+    every = args.progress_every or max(1, settings.max_steps // 20)
+    record = train_prior({spec.name: args.embeddings}, args.out, settings,
+                         holdout_inputs={spec.name: list(spec.holdout_inputs)},
+                         callbacks=[ProgressLines(f"prior {spec.name}", settings.max_steps, every)])
+    print(f"{args.out}: grid prior over {record['crop']}x{record['crop']} crops of {record['width']}-d "
+          f"{record['embedding_key']} embeddings, {record['steps']} steps on {record['crops']} crops "
+          f"(inputs held out: {record['heldout_inputs'][spec.name] or 'none'}); final loss {record['final_loss']:.4g}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pipeline.sampling.generate import GenerateSettings, generate_images
+
+    spec = DatasetSpec.from_json(args.spec)
+    settings = settings_from_table(GenerateSettings, _table(args.settings), "generate")
+    manifest = generate_images(args.model, args.prior, args.out, dataset=spec.name, kind=spec.kind,
+                               mpp=spec.target_mpp, settings=settings, seed=args.seed)
+    for _, row in manifest.iterrows():
+        print(f"{args.out}/{row['image']}: {row['width']}x{row['height']} px from a {row['rows']}x{row['cols']} grid "
+              f"sampled by the prior ({row['tissue_fraction']:.0%} tissue), {row['unet_evaluations']} UNet evaluations")
+    return 0
+
+
 def training_config(table: dict, embedding_key: str, holdout_fraction: float = 0.0, seed: int | None = None):
     """The run's TrainConfig: the config's `training:` table plus what the dataset and the run imply."""
     from pipeline.embedding.encoders import get_spec
@@ -225,7 +256,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation import EvaluationSettings, describe, evaluate
 
     result = evaluate(args.out, EvaluationSettings.from_dict(_table(args.settings)), _table(args.encoders),
-                      samples=args.samples, large_images=args.large_images, embedding_key=args.embedding_key)
+                      samples=args.samples, large_images=args.large_images, embedding_key=args.embedding_key,
+                      prior=args.prior, embeddings=args.embeddings, dataset=args.dataset)
     print(describe(result))
     return 0
 
@@ -238,7 +270,8 @@ def _report_assets(args: argparse.Namespace) -> int:
         thumbnails_out=args.thumbnails, training=args.training, loss_curve_out=args.loss_curve,
         samples=args.samples, sample_pairs_out=args.sample_pairs, large_images=args.large_images,
         large_image_sheet_out=args.large_image_sheet, metrics=args.metrics,
-        metrics_table_out=args.metrics_table, embeddings_index=args.embeddings_index, summary_out=args.summary)
+        metrics_table_out=args.metrics_table, embeddings_index=args.embeddings_index, summary_out=args.summary,
+        generated=args.generated, generated_sheet_out=args.generated_sheet)
     print("\n".join(written))
     return 0
 
@@ -369,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="OUT/autoencoder/<dataset>: model/, metrics.json (last), checkpoints/")
     p.set_defaults(func=_train_autoencoder)
 
+    p = sub.add_parser("train-prior", help="train (or continue) the embedding-grid prior on a dataset's embeddings")
+    p.add_argument("--embeddings", required=True, help="the dataset's embedding folder OUT/embeddings/<dataset>")
+    p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json): encoder, holdout")
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="prior"))
+    p.add_argument("--seed", type=int, default=schema_default("seed"), help="the config's top-level seed")
+    p.add_argument("--progress-every", type=int, help="steps between progress lines on stdout (default: 1/20 of the run)")
+    p.add_argument("--out", required=True, help="OUT/prior/<dataset>: model/, prior.json (last), checkpoints/")
+    p.set_defaults(func=_train_prior)
+
     p = sub.add_parser("train", help="train (or continue) a latent diffusion model on latent shards")
     p.add_argument("--run", required=True, help="run folder: checkpoints/, logs; a re-run continues from last.ckpt")
     p.add_argument("--embedding-key", required=True, help="the encoder whose embeddings condition the model")
@@ -396,6 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(p, "large_image", "output folder: region-NNN/ (each atomic), then manifest.parquet")
     p.set_defaults(func=_large_image)
 
+    p = sub.add_parser("generate", help="reference-free large images: grids sampled by the prior, then rendered")
+    p.add_argument("--model", required=True, help="a pipeline export (model_index.json) or a LID release folder")
+    p.add_argument("--prior", required=True, help="the prior stage's folder OUT/prior/<dataset> (prior.json, model/)")
+    p.add_argument("--spec", required=True, help="the dataset spec as JSON (DatasetSpec.to_json)")
+    p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="generate"))
+    p.add_argument("--seed", type=int, default=schema_default("seed"), help="the config's top-level seed")
+    p.add_argument("--out", required=True, help="output folder: image-NNN/ (each atomic), then manifest.parquet")
+    p.set_defaults(func=_generate)
+
     p = sub.add_parser("synthesize-slide", help="a whole synthetic slide from a slide's embedding grid (resumable)")
     p.add_argument("--model", required=True, help="a pipeline export (model_index.json) or a LID release folder")
     source = p.add_mutually_exclusive_group(required=True)
@@ -419,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default="{}", help=SETTINGS_HELP.format(table="evaluation"))
     p.add_argument("--encoders", default="{}", help="JSON of the config's `encoders:` table")
     p.add_argument("--embedding-key", help="encoder that made the conditions, where the folders do not record it")
+    p.add_argument("--prior", help="embedding-grid prior folder, OUT/prior/<dataset> (needs --embeddings, --dataset)")
+    p.add_argument("--embeddings", help="the dataset's embeddings folder OUT/embeddings/<dataset>: the prior's real grids")
+    p.add_argument("--dataset", help="the dataset whose label the prior samples with")
     p.add_argument("--out", required=True, help="the metrics.json file, written atomically")
     p.set_defaults(func=_evaluate)
 
@@ -436,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-pairs", help="out: JPEG of real | generated patch pairs (needs --samples)")
     p.add_argument("--large-image-sheet", help="out: JPEG of reference | generated regions (needs --large-images)")
     p.add_argument("--metrics-table", help="out: HTML table of the metrics (needs --metrics)")
+    p.add_argument("--generated", help="reference-free images folder OUT/generated/<dataset>")
+    p.add_argument("--generated-sheet", help="out: JPEG of the reference-free images and their masks (needs --generated)")
     p.add_argument("--summary", help="out: HTML overview of whichever inputs are given")
     p.set_defaults(func=_report_assets)
 

@@ -45,6 +45,7 @@ rule report_dataset:
         samples=f"{OUT}/samples/{{dataset}}",
         large_images=f"{OUT}/large_images/{{dataset}}/manifest.parquet",
         metrics=f"{OUT}/evaluation/{{dataset}}/metrics.json",
+        generated=f"{OUT}/generated/{{dataset}}/manifest.parquet",
     output:
         summary=report(
             f"{OUT}/report/{{dataset}}/summary.html",
@@ -74,6 +75,13 @@ rule report_dataset:
             subcategory="{dataset}",
             labels={"item": "reference | generated regions", "dataset": "{dataset}"},
         ),
+        generated=report(
+            f"{OUT}/report/{{dataset}}/generated.jpg",
+            caption="../report/generated.rst",
+            category="5. Large images",
+            subcategory="{dataset}",
+            labels={"item": "reference-free images (prior)", "dataset": "{dataset}"},
+        ),
         metrics=report(
             f"{OUT}/report/{{dataset}}/metrics.html",
             caption="../report/metrics.rst",
@@ -86,6 +94,7 @@ rule report_dataset:
         tiles=lambda w, input: str(Path(input.status).parent),
         training=lambda w, input: str(Path(input.training).parent),
         large_images=lambda w, input: str(Path(input.large_images).parent),
+        generated=lambda w, input: str(Path(input.generated).parent),
         random_models=lambda w: random_weight_models(config, DATASETS[w.dataset].encoders),
     log:
         f"{OUT}/logs/report/{{dataset}}.log",
@@ -99,7 +108,8 @@ rule report_dataset:
         "--embeddings-index {input.index:q} --training {params.training:q} --samples {input.samples:q} "
         "--large-images {params.large_images:q} --metrics {input.metrics:q} --summary {output.summary:q} "
         "--loss-curve {output.loss:q} --sample-pairs {output.pairs:q} "
-        "--large-image-sheet {output.large:q} --metrics-table {output.metrics:q} > {log:q} 2>&1"
+        "--large-image-sheet {output.large:q} --metrics-table {output.metrics:q} "
+        "--generated {params.generated:q} --generated-sheet {output.generated:q} > {log:q} 2>&1"
 
 
 rule report_stain:
@@ -136,6 +146,6 @@ rule report:
         expand(
             f"{OUT}/report/{{dataset}}/{{asset}}",
             dataset=EMBEDDED_DATASETS,
-            asset=["summary.html", "loss.svg", "sample_pairs.jpg", "large_images.jpg", "metrics.html"],
+            asset=["summary.html", "loss.svg", "sample_pairs.jpg", "large_images.jpg", "generated.jpg", "metrics.html"],
         ),
         expand(f"{OUT}/report/{{dataset}}/stain.jpg", dataset=STAINED_DATASETS),

@@ -15,7 +15,9 @@ from pipeline.embedding.extract import EmbeddingSettings
 from pipeline.evaluation.settings import EvaluationSettings
 from pipeline.latents.encode import EncodeSettings
 from pipeline.models.autoencoder import AutoencoderSettings
+from pipeline.prior.settings import PriorSettings
 from pipeline.sampling.config import LargeImageSettings
+from pipeline.sampling.generate import GenerateSettings
 from pipeline.sampling.patches import PatchSamplingConfig
 from pipeline.stain.settings import StainSettings
 from pipeline.sampling.slide import SlideSettings
@@ -36,6 +38,8 @@ STAGES = [
     (("evaluation",), EvaluationSettings, set()),
     (("datasets", "*", "stain_normalization"), StainSettings, set()),
     (("viewer",), ViewerSettings, set()),
+    (("prior",), PriorSettings, {"embedding_key", "seed"}),
+    (("generate",), GenerateSettings, set()),
 ]
 # Keys a table must give (the schema's `required`): no default on either side; example values.
 REQUIRED_VALUES = {"method": "macenko", "target": "/data/target.png"}

@@ -21,7 +21,7 @@ from pipeline.embedding.extract import EmbeddingSettings, embed_input
 from pipeline.embedding.outputs import write_dataset_index
 from pipeline.models.autoencoder import random_vq
 from pipeline.sampling.slide import SlideSettings, read_slide_record, synthesize_slide
-from pipeline.sampling.slide_grid import SlideGridError, grid_from_embeddings, grid_from_h5
+from pipeline.embedding.grids import SlideGridError, grid_from_embeddings, grid_from_h5
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source
 from pipeline.training import TrainConfig

@@ -38,7 +38,7 @@ def test_dry_run_lists_the_stages(tmp_path):
     # once the tile_dataset checkpoint has run.
     assert "DAG of jobs will be updated after completion" in result.stdout
     for rule in ("tile_input", "tile_dataset", "embed_dataset", "train_autoencoder", "train_dataset", "export_model",
-                 "sample_dataset", "large_image_dataset", "evaluate_dataset", "report_tiling", "report_dataset",
+                 "train_prior", "sample_dataset", "large_image_dataset", "generate_dataset", "evaluate_dataset", "report_tiling", "report_dataset",
                  "viewer_site", "all"):
         assert rule in result.stdout
     targeted = run_snakemake("-n", "--cores", "1", "tile")
@@ -101,11 +101,13 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     config["autoencoder"].update(max_steps=20, checkpoint_every=10, log_every=5)
     config["sampling"].update(steps=4, device="cpu")
     config["large_image"].update(k=2, regions=2, steps=4, device="cpu")
-    config["evaluation"].update(device="cpu", num_workers=0)
+    config["prior"].update(crop=2, layers=1, max_steps=12, checkpoint_every=6, log_every=3)
+    config["generate"].update(rows=3, cols=3, steps=4, prior_steps=4, device="cpu")
+    config["evaluation"].update(device="cpu", num_workers=0, prior_grids=16, prior_steps=4)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
                            "--directory", str(tmp_path), "autoencoder", "train", "embed", "sample", "large_image",
-                           "evaluate", "report", "viewer")
+                           "prior", "generate", "evaluate", "report", "viewer")
     assert result.returncode == 0, result.stderr[-3000:]
     tiles = pd.read_parquet(tmp_path / "out/tiles/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
     embedded = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
@@ -174,6 +176,14 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     assert by_name["crop_fd_hipt_vit_s16"]["samples"] == {"generated": 8, "real": 8}  # 2 regions of 2x2
     assert by_name["fd_hipt_vit_s16"]["feature_extractor"]["random_weights"] is True
     assert metrics["inputs"]["large_images"] == "out/large_images/demo_he_20x"
+    # the prior: trained, rendered without a reference, measured against real grids and the control
+    from pipeline.prior.outputs import read_prior_record
+    from pipeline.sampling.outputs import read_generated_images
+
+    assert read_prior_record(tmp_path / "out/prior/demo_he_20x").steps == 12
+    (image,) = read_generated_images(tmp_path / "out/generated/demo_he_20x").images
+    assert image.grid.shape[:2] == (3, 3) and image.tissue.any()
+    assert {"prior_fd", "prior_fd_real_floor", "prior_fd_shuffled", "prior_neighbour_cosine_shuffled"} <= set(by_name)
 
     # the report: one self-contained HTML file with every section, caption and asset
     report = tmp_path / "report.html"
@@ -185,11 +195,12 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     for expected in ("1. Overview", "2. Inputs and tissue", "3. Training", "4. Patches: real vs generated",
                      "5. Large images", "6. Metrics",  # categories
                      "summary.html", "slides.html", "thumbnails.jpg", "loss.svg", "sample_pairs.jpg",
-                     "large_images.jpg", "metrics.html",  # assets
+                     "large_images.jpg", "generated.jpg", "metrics.html",  # assets
                      "Deep-zoom viewer", "out/viewer/index.html",  # the link to the viewer
                      "Demo run: random weights", "Overview of dataset", "Inputs of dataset", "Tissue-mask thumbnails",
                      "Training loss of the latent diffusion model", "on the right the patch the model generated",
-                     "Large images of", "Evaluation metrics of", "Random weights (demo)"):  # captions
+                     "Large images of", "Reference-free images of", "Evaluation metrics of",
+                     "Random weights (demo)"):  # captions
         assert expected in text, expected
     assets = {match.group(1): base64.b64decode(match.group(2)) for match in
               re.finditer(r"filename=([\w.]+);base64,([A-Za-z0-9+/=]+)", text)}
@@ -200,7 +211,8 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     assert b"cmu_small_region.svs" in assets["slides.html"]
     assert ElementTree.fromstring(assets["loss.svg"]).tag == "{http://www.w3.org/2000/svg}svg"  # matplotlib's SVG
     assert all(assets[name][:3] == b"\xff\xd8\xff" for name in ("thumbnails.jpg", "sample_pairs.jpg",
-                                                                  "large_images.jpg"))
+                                                                  "large_images.jpg", "generated.jpg"))
+    assert "embedding-grid prior" in assets["metrics.html"].decode()
 
 
 PLAIN_DIFFUSERS = """

@@ -24,15 +24,18 @@ from pipeline.evaluation.distances import (KID_SEED, degenerate_covariance_warni
 from pipeline.evaluation.extractors import (EncoderCache, ExtractorUnavailable, FeatureExtractor, build_extractor,
                                             encoder_extractor)
 from pipeline.evaluation.outputs import METRICS_FORMAT, write_metrics
+from pipeline.evaluation.prior import prior_figures, real_crops, real_inputs
 from pipeline.evaluation.settings import EvaluationError, EvaluationSettings
 from pipeline.io.device import resolve_device
 from pipeline.io.images import read_image
+from pipeline.models.prior import load_prior
+from pipeline.prior.outputs import read_prior_record
 from pipeline.sampling.outputs import (MANIFEST, SAMPLES_SUMMARY, LargeImages, PatchSamples, read_large_images,
                                       read_samples)
 
 log = logging.getLogger(__name__)
 
-PATCHES, CROPS = "patches", "large_image_crops"
+PATCHES, CROPS, PRIOR = "patches", "large_image_crops", "prior_grids"
 SCOPE_PREFIX = {PATCHES: "", CROPS: "crop_"}
 
 
@@ -152,6 +155,25 @@ class Evaluation:
         self.similarity(CROPS, large.embedding_key, generated, reference, np.concatenate(conditions), context)
 
 
+    def prior(self, prior_dir: Path, embeddings_dir: Path, dataset: str) -> None:
+        """The grid prior's figures (pipeline.evaluation.prior) for one of its datasets."""
+        record = read_prior_record(prior_dir)
+        prior = load_prior(record.model)
+        inputs, real_set = real_inputs(embeddings_dir, record.heldout_inputs, record.inputs, dataset)
+        min_tissue = float(prior.provenance.get("settings", {}).get("min_tissue", 0.0))
+        real = real_crops(embeddings_dir, inputs, prior.config.embedding_key, prior.crop, min_tissue)
+        extractor = {"name": f"unit {prior.config.embedding_key} embeddings", "dim": prior.embedding_dim}
+        context = {"dataset": dataset, "prior": str(record.model), "real_set": real_set, "real_inputs": inputs,
+                   "crop": prior.crop, "sampler": {"steps": self.settings.prior_steps, "sampler": "ddim"}}
+        for figure in prior_figures(prior, dataset, real, self.settings.prior_grids, self.settings.prior_steps,
+                                    seed=0):
+            if "skipped" in figure:
+                self.skipped.append({"name": figure["skipped"], "reason": figure["reason"]})
+                continue
+            self.record(figure["name"], figure["value"], PRIOR, figure["counts"], extractor, context,
+                        figure["warnings"], **figure.get("extra", {}))
+
+
 def _embedding_key(recorded: str | None, given: str | None, dim: int, source: Path) -> str:
     """The encoder that made the conditions (what the folder records, else what the caller says),
     checked against the conditions' width before any network is loaded."""
@@ -169,12 +191,16 @@ def _embedding_key(recorded: str | None, given: str | None, dim: int, source: Pa
 
 def evaluate(out: str | Path, settings: EvaluationSettings, encoder_settings: dict[str, Any],
              samples: str | Path | None = None, large_images: str | Path | None = None,
-             embedding_key: str | None = None) -> dict[str, Any]:
-    """Evaluate a patch-samples folder and/or a large-images folder; write ``out`` (metrics.json)
+             embedding_key: str | None = None, prior: str | Path | None = None,
+             embeddings: str | Path | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """Evaluate a patch-samples folder, a large-images folder and/or a grid prior (with the
+    dataset's ``embeddings`` folder for its real grids); write ``out`` (metrics.json)
     atomically and return its content. ``embedding_key`` names the conditioning encoder for
     folders that do not record it (large images fall back to the samples' key)."""
-    if samples is None and large_images is None:
-        raise EvaluationError("nothing to evaluate: give a patch samples folder, a large-images folder, or both")
+    if samples is None and large_images is None and prior is None:
+        raise EvaluationError("nothing to evaluate: give a patch samples folder, a large-images folder or a prior")
+    if prior is not None and (embeddings is None or dataset is None):
+        raise EvaluationError("a prior is evaluated against a dataset's real grids: give its embeddings and dataset")
     out = Path(out)
     # Read and check every input before loading any network, so a bad folder fails in seconds.
     patch_samples = read_samples(samples) if samples is not None else None
@@ -189,16 +215,20 @@ def evaluate(out: str | Path, settings: EvaluationSettings, encoder_settings: di
         large = replace(large, embedding_key=_embedding_key(
             large.embedding_key, embedding_key, large.regions[0].embeddings.shape[2], large.folder / MANIFEST))
     run = Evaluation(settings, encoder_settings)
-    run.build_extractors()
+    if patch_samples is not None or large is not None:
+        run.build_extractors()
     if patch_samples is not None:
         run.patches(patch_samples)
     if large is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".crops-", dir=out.parent) as scratch:
             run.large_images(large, Path(scratch))
+    if prior is not None:
+        run.prior(Path(prior), Path(embeddings), dataset)
     result = {"format": METRICS_FORMAT,
               "inputs": {"samples": str(samples) if samples is not None else None,
-                         "large_images": str(large_images) if large_images is not None else None},
+                         "large_images": str(large_images) if large_images is not None else None,
+                         "prior": str(prior) if prior is not None else None},
               "settings": settings.to_dict(), "metrics": run.metrics, "skipped": run.skipped}
     write_metrics(out, result)
     return result

@@ -31,6 +31,8 @@ class EvaluationSettings:
     batch_size: int = 32
     num_workers: int = 2
     device: str = "auto"
+    prior_grids: int = 256                 # grids sampled from the prior for its figures
+    prior_steps: int = 50                  # DDIM steps of those samples
 
     def __post_init__(self) -> None:
         known = (*CLEANFID_EXTRACTORS, *ENCODERS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pipeline.errors import PipelineError
 from pipeline.reporting.charts import loss_curve
+from pipeline.reporting.generated import generated_sheet
 from pipeline.reporting.large_images import large_image_sheet
 from pipeline.reporting.metrics import metrics_table
 from pipeline.reporting.samples import sample_pairs
@@ -28,7 +29,8 @@ def build_assets(*, dataset: str, tiles: str | None = None, slides_table_out: st
                  samples: str | None = None, sample_pairs_out: str | None = None, large_images: str | None = None,
                  large_image_sheet_out: str | None = None, metrics: str | None = None,
                  metrics_table_out: str | None = None, embeddings_index: str | None = None,
-                 summary_out: str | None = None) -> list[str]:
+                 summary_out: str | None = None, generated: str | None = None,
+                 generated_sheet_out: str | None = None) -> list[str]:
     """Write each asset whose output path is given, from the stage output it needs; returns what was
     written. An asset asked for without its input is an error (nothing is written then)."""
     # (output, builder, its input, the flag that gives the input)
@@ -36,7 +38,8 @@ def build_assets(*, dataset: str, tiles: str | None = None, slides_table_out: st
               (loss_curve_out, loss_curve, training, "--training"),
               (sample_pairs_out, sample_pairs, samples, "--samples"),
               (large_image_sheet_out, large_image_sheet, large_images, "--large-images"),
-              (metrics_table_out, metrics_table, metrics, "--metrics")]
+              (metrics_table_out, metrics_table, metrics, "--metrics"),
+              (generated_sheet_out, generated_sheet, generated, "--generated")]
     for out, _, source, flag in assets:
         if out and not source:
             raise ReportInputError(f"{out}: needs {flag}")

@@ -26,11 +26,22 @@ METRIC_MEANING = {
     "embedding_cosine": "cosine between each generated image's embedding and the embedding it was generated "
                         "from: higher is better, at most 1; compare with the real images' value",
     "embedding_cosine_real": "the same cosine for the real images that gave the conditions: the ceiling",
+    "prior_fd": "Fréchet distance of the prior's sampled grid positions to real ones (unit embeddings): lower is "
+                "better; compare with the real floor and the shuffled control",
+    "prior_fd_real_floor": "the same distance between two disjoint halves of the real positions: the floor",
+    "prior_fd_shuffled": "the same for real embeddings placed at random (right marginals, no layout)",
+    "prior_neighbour_cosine_generated": "mean cosine of adjacent tissue positions in the sampled grids: "
+                                        "spatial coherence; compare with real and shuffled",
+    "prior_neighbour_cosine_real": "the same in real crops",
+    "prior_neighbour_cosine_shuffled": "the same with the real embeddings placed at random",
+    "prior_tissue_fraction_generated": "mean share of tissue positions per sampled grid",
+    "prior_tissue_fraction_real": "the same for real crops",
 }
 
 SCOPES = {
     "patches": "patches: generated vs held-out real",
     "large_image_crops": "large images: 256 px crops, generated vs reference region",
+    "prior_grids": "embedding-grid prior: sampled grids vs real grids",
 }
 COLUMNS = ["images", "metric", "value", "generated", "real", "features", "meaning", "notes"]
 

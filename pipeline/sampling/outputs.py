@@ -6,6 +6,9 @@ Patch samples, ``OUT/samples/<dataset>/``: ``generated/`` and ``real/`` PNGs, ``
 Large images, ``OUT/large_images/<dataset>/``: ``manifest.parquet`` (one row per region),
 ``large_images.json``, and per region ``region-NNN/`` with the images, ``embeddings.npy``
 ([k, k, D]) and ``region.json``.
+Reference-free images, ``OUT/generated/<dataset>/``: ``manifest.parquet`` (one row per image),
+``generated.json``, and per image ``image-NNN/`` with the image, ``grid.npy`` (rows, cols, D),
+``tissue.npy`` and ``image.json``.
 The manifests, not a folder listing, say which files are samples, so a stray file in a folder
 never enters the statistics.
 """
@@ -38,12 +41,20 @@ GENERATED_GEOTIFF, REFERENCE_GEOTIFF = "generated.geo.tif", "reference.geo.tif"
 IMAGE_COLUMNS = ("generated_png", "generated_tif", "reference_png", "reference_tif", "generated_geotiff",
                  "reference_geotiff")
 REGION_COLUMNS = ("region", "k")
+# Reference-free large images (the generate stage)
+GENERATED_IMAGE_RECORD = "image.json"
+GRID_EMBEDDINGS, GRID_TISSUE = "grid.npy", "tissue.npy"
+GENERATED_IMAGES_SUMMARY = "generated.json"
 # Per-region facts of a large-image manifest; the other columns are the run's sampler settings.
 REGION_FACTS = {"region", "input_id", "col", "row", "k", "held_out", *IMAGE_COLUMNS, "embeddings", "mpp", "dataset"}
 
 
 def region_folder(number: int) -> str:
     return f"region-{number:03d}"
+
+
+def image_folder(number: int) -> str:
+    return f"image-{number:03d}"
 
 
 def _plain(value: Any) -> Any:
@@ -236,3 +247,41 @@ def read_large_images(folder: str | Path) -> LargeImages:
         raise StageOutputError(f"{manifest_path}: regions at different resolutions "
                                f"({sorted(manifest['mpp'].unique())} um/px) cannot form one crop set")
     return LargeImages(folder, str(dataset or folder.name), mpp, sampler, varying, embedding_key, regions)
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceFreeImage:
+    name: str                        # its folder, image-NNN
+    generated: Path                  # the PNG, or the pyramidal TIFF when too large for a PNG
+    grid: np.ndarray                 # (rows, cols, D) float32: the sampled embeddings, zeros at background
+    tissue: np.ndarray               # (rows, cols) bool: where the image is tissue (elsewhere glass)
+    settings: dict[str, Any]         # the manifest row's other columns: seed, mode, tissue_fraction, ...
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceFreeImages:
+    folder: Path
+    dataset: str
+    images: list[ReferenceFreeImage]
+
+
+def read_generated_images(folder: str | Path) -> ReferenceFreeImages:
+    """The generate stage's images, their grids and masks (checked to agree in shape)."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    manifest = _read_manifest(manifest_path, ("image", "grid", "tissue"))
+    images = []
+    for _, row in manifest.iterrows():
+        name = str(row["image"])
+        image = _image_path(row, "generated")
+        if image is None:
+            raise StageOutputError(f"{manifest_path}: image {name} has neither generated_png nor generated_tif")
+        (path,) = _existing(folder, [image], f"image {name}")
+        grid, tissue = _read_array(folder / row["grid"]), _read_array(folder / row["tissue"])
+        if grid.ndim != 3 or tissue.shape != grid.shape[:2]:
+            raise StageOutputError(f"{folder / name}: grid {grid.shape} and tissue mask {tissue.shape} do not agree")
+        settings = {c: _plain(v) for c, v in row.items() if c not in ("image", "grid", "tissue", "generated_png",
+                                                                      "generated_tif")}
+        images.append(ReferenceFreeImage(name, path, grid, tissue.astype(bool), settings))
+    dataset = str(manifest["dataset"].iloc[0]) if "dataset" in manifest.columns and len(manifest) else folder.name
+    return ReferenceFreeImages(folder, dataset, images)

@@ -39,7 +39,7 @@ from pipeline.models.guidance import needs_unconditional
 from pipeline.sampling.config import PNG_MAX_SIDE, RenderSettings
 from pipeline.sampling.decode import Glass
 from pipeline.sampling.large_image import LargeImageSampler, SamplingStats, decoded_bands, evaluated_windows
-from pipeline.sampling.slide_grid import SlideGrid, grid_from_embeddings, grid_from_h5, load_grid
+from pipeline.embedding.grids import SlideGrid, grid_from_embeddings, grid_from_h5, load_grid
 from pipeline.sampling.windows import WindowLayout
 
 SLIDE_TIFF = "slide.tif"

@@ -168,3 +168,13 @@ def grid_from_h5(path: str | Path, folder: Path, expected_dim: int | None = None
 def load_grid(folder: Path, source: str) -> SlideGrid:
     """A grid written by write_grid (the embeddings memory-mapped)."""
     return SlideGrid(np.load(folder / GRID_FILE, mmap_mode="r"), np.load(folder / TISSUE_FILE), source)
+
+
+def crop_origins(tissue: np.ndarray, crop: int, min_tissue: float) -> np.ndarray:
+    """(N, 2) (row, col) origins of the k x k crops with at least `min_tissue` of tissue positions."""
+    rows, cols = tissue.shape
+    if rows < crop or cols < crop:
+        return np.zeros((0, 2), dtype=np.int64)
+    counts = np.lib.stride_tricks.sliding_window_view(tissue.astype(np.int32), (crop, crop)).sum(axis=(2, 3))
+    needed = max(1, int(np.ceil(min_tissue * crop * crop)))
+    return np.argwhere(counts >= needed).astype(np.int64)
