@@ -20,17 +20,25 @@ the evaluation stage's feature extractor (``evaluation.feature_extractor``: in t
 *randomly initialised* HIPT ViT-S/16, the same network as the conditioning encoder; named, with its
 weights record, in the JSON).
 
-Default run (full): autoencoders 800 steps (the demo's), diffusion 1500 steps of batch 8 with a
-checkpoint and an FD point every 250, DDIM 20 steps at guidance 2, 9 + 9 held-out H&E patches
-(A: conditions, B: reference) and 10 + 10 NAIP patches of 128 px. ``--quick``: every code path at
-tiny size (10-step models, 2 DDIM steps, 3 + 3 patches).
+Default run (full): autoencoders 800 steps (the demo's), the small-preset UNet for 4000 steps of
+batch 8 (the demo's other `training:` settings: lr 1e-3, 20 warm-up steps, EMA 0.99) with a kept
+checkpoint and an fd_curve point every 500 (9 points with step 0), DDIM 20 steps at guidance 2,
+9 + 9 held-out H&E patches (A: conditions, B: reference; 44 trained on) and 10 + 10 held-out NAIP
+patches of 128 px (50 trained on). ``--quick``: every code path at tiny size (10-step models,
+2 DDIM steps, 3 + 3 patches).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/learning.py                         # full: see estimate below
-    OMP_NUM_THREADS=1 .venv/bin/python bench/learning.py --quick --out /tmp/lq/learning.json
+    OMP_NUM_THREADS=2 .venv/bin/python bench/learning.py                         # full: about 15 minutes
+    OMP_NUM_THREADS=1 .venv/bin/python bench/learning.py --quick --out /tmp/lq/learning.json   # 45 s
     .venv/bin/python bench/learning.py --parts 2 3 --diffusion-steps 600
 
-Time: the quick run takes about 2 minutes on one core; the full run is estimated (from the quick
-run's per-step times) at about 20 minutes on 2 cores (see ``--help`` and the JSON's ``seconds``).
+Time, measured on the 2-core build machine at one torch thread (another job on the other core):
+``--quick`` 45 s; a 100-step autoencoder / 200-step diffusion run of parts 2-4 at full sample
+sizes 115 s, i.e. 0.14 s per autoencoder step (either data set), 0.09 s per diffusion step on
+H&E (16x16 latents), 0.055 s on NAIP (8x8), 3.6 s and 2.7 s per fd_curve point, about 30 s of
+tiling and set-up. The full run is therefore estimated at 2 x 112 s (autoencoders) + 360 s + 220 s
+(diffusion) + 9 x 6.3 s (curves) + 30 s, about 15 minutes at one thread (two threads
+were no faster on this shared machine: part 1's recorded 800 steps took 133.5 s at two). The JSON
+records every part's seconds (``train_seconds``, ``diffusion.train_seconds``, ``measure_seconds``).
 
 Writes JSON (each figure's meaning in ``meaning``, its sample counts in ``samples``), and beside it
 contact sheets: ``.contact.png`` (part 1: real | reconstructed | bicubic), ``.generated.png``
@@ -69,7 +77,7 @@ from pipeline.evaluation.extractors import EncoderCache, build_extractor  # noqa
 from pipeline.evaluation.settings import EvaluationSettings  # noqa: E402
 from pipeline.models.autoencoder import Autoencoder  # noqa: E402
 
-FULL = {"ae_steps": None, "diffusion_steps": 1500, "curve_every": 250, "sampling_steps": 20, "per_set": 9,
+FULL = {"ae_steps": None, "diffusion_steps": 4000, "curve_every": 500, "sampling_steps": 20, "per_set": 9,
         "naip_per_set": 10, "naip_patch": 128, "naip_heldout_columns": 2}
 QUICK = {"ae_steps": 10, "diffusion_steps": 10, "curve_every": 5, "sampling_steps": 2, "per_set": 3,
          "naip_per_set": 3, "naip_patch": 128, "naip_heldout_columns": 2}
@@ -218,7 +226,7 @@ def naip_part(args, config, sizes, out: Path) -> dict:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
-    parser.add_argument("--quick", action="store_true", help="every code path at tiny size (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="every code path at tiny size (under a minute on one core)")
     parser.add_argument("--ae-steps", type=int, help="autoencoder steps (default: the demo's 800)")
     parser.add_argument("--diffusion-steps", type=int, help=f"default {FULL['diffusion_steps']}")
     parser.add_argument("--curve-every", type=int, help=f"default {FULL['curve_every']}")

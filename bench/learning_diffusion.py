@@ -150,7 +150,18 @@ def condition_following(stage: Stage, generated: torch.Tensor, conditions: np.nd
             "cosine_shuffled": float(cosine[~np.eye(count, dtype=bool)].mean()) if count > 1 else None}
 
 
-def measure_step(stage, module, pair, reference_features, settings, work: Path, step: int) -> tuple[dict, torch.Tensor]:
+@dataclass(frozen=True)
+class EmbeddedPair:
+    """Held-out sets A (conditions) and B (reference), with A's conditions."""
+
+    conditions: torch.Tensor
+    reference: torch.Tensor
+    conditions_embedded: np.ndarray
+
+
+def measure_step(stage: Stage, module, pair: EmbeddedPair, reference_features: np.ndarray,
+                 settings: DiffusionSettings, work: Path, step: int) -> tuple[dict, torch.Tensor]:
+    """fd and condition following of one model: one patch per condition of A."""
     generated = generate(stage, module, pair.conditions_embedded, settings, work / f"model-{step:06d}")
     fd = features_frechet_distance(features(stage, generated, work / f"png-{step:06d}", settings.batch_size),
                                    reference_features)
@@ -158,11 +169,17 @@ def measure_step(stage, module, pair, reference_features, settings, work: Path, 
                                                            settings.batch_size)}, generated
 
 
-@dataclass(frozen=True)
-class EmbeddedPair:
-    conditions: torch.Tensor
-    reference: torch.Tensor
-    conditions_embedded: np.ndarray
+CONDITION_KEYS = ("retrieval_top1", "retrieval_top5", "cosine_paired", "cosine_shuffled")
+
+
+def curve_figures(curve: list[dict]) -> dict[str, Any]:
+    """The trained (last point) and untrained (step 0) figures, and the curves."""
+    last, first = curve[-1], curve[0]
+    return {"fd_trained": last["fd"], "fd_untrained": first["fd"],
+            "fd_curve": [{"step": p["step"], "fd": p["fd"]} for p in curve],
+            **{k: last[k] for k in (*CONDITION_KEYS, "retrieval_chance")},
+            "untrained": {k: first[k] for k in CONDITION_KEYS},
+            "condition_curve": [{"step": p["step"], **{k: p[k] for k in CONDITION_KEYS}} for p in curve]}
 
 
 def diffusion_figures(stage: Stage, train_images: torch.Tensor, pair, settings: DiffusionSettings,
@@ -177,22 +194,14 @@ def diffusion_figures(stage: Stage, train_images: torch.Tensor, pair, settings: 
     reference = features(stage, pair.reference, work / "png-reference", settings.batch_size)
     conditions_features = features(stage, pair.conditions, work / "png-conditions", settings.batch_size)
     started = time.perf_counter()
-    curve, generated = [], None
+    curve, generated = [], torch.empty(0)
     for step, module in sorted(modules.items()):
         point, generated = measure_step(stage, module, embedded, reference, settings, work, step)
         curve.append(point)
     count = len(pair.conditions)
-    last, first = curve[-1], curve[0]
     figures = {
-        "fd_trained": last["fd"], "fd_untrained": first["fd"],
-        "fd_real_floor": features_frechet_distance(conditions_features, reference),
-        "fd_curve": [{"step": p["step"], "fd": p["fd"]} for p in curve],
-        **{k: last[k] for k in ("retrieval_top1", "retrieval_top5", "retrieval_chance", "cosine_paired",
-                                "cosine_shuffled")},
-        "untrained": {k: first[k] for k in ("retrieval_top1", "retrieval_top5", "cosine_paired", "cosine_shuffled")},
-        "condition_curve": [{k: p[k] for k in ("step", "retrieval_top1", "retrieval_top5", "cosine_paired",
-                                               "cosine_shuffled")} for p in curve],
-        "trained_step": last["step"],
+        **curve_figures(curve), "fd_real_floor": features_frechet_distance(conditions_features, reference),
+        "trained_step": curve[-1]["step"],
         "samples": {"train_patches": len(train_images), "conditions_A": count, "reference_B": len(pair.reference),
                     "generated_per_point": count, "fd_floor_sets": [count, len(pair.reference)],
                     "fd_curve_points": len(curve)},
