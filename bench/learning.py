@@ -65,7 +65,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from learning_data import as_tensor, crops, heldout_pair, naip_patches, naip_spec, slide_patches  # noqa: E402
-from learning_diffusion import CPU, DiffusionSettings, Stage, diffusion_figures, rgb  # noqa: E402
+from learning_diffusion import CPU, DiffusionSettings, Stage, diffusion_figures  # noqa: E402
 
 from pipeline.autoencoder.data import PatchSplit  # noqa: E402
 from pipeline.autoencoder.metrics import (baseline_side, bicubic, bicubic_metrics, psnr_ssim, reconstruct,  # noqa: E402
@@ -226,7 +226,8 @@ def naip_part(args, config, sizes, out: Path) -> dict:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
-    parser.add_argument("--quick", action="store_true", help="every code path at tiny size (under a minute on one core)")
+    parser.add_argument("--quick", action="store_true",
+                        help="every code path at tiny size (under a minute on one core)")
     parser.add_argument("--ae-steps", type=int, help="autoencoder steps (default: the demo's 800)")
     parser.add_argument("--diffusion-steps", type=int, help=f"default {FULL['diffusion_steps']}")
     parser.add_argument("--curve-every", type=int, help=f"default {FULL['curve_every']}")
