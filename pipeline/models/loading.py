@@ -17,7 +17,7 @@ def load_pipeline(folder: str | Path) -> RLDiffPipeline:
     without gradients. Never downloads."""
     folder = Path(folder)
     if (folder / PIPELINE_INDEX).is_file():
-        pipe = _from_pretrained_quietly(folder)
+        pipe = from_pretrained_quietly(RLDiffPipeline, folder)
     elif any(folder.glob(CONFIG_GLOB)):
         pipe = load_lid_release(folder)
     elif not folder.is_dir():
@@ -35,7 +35,7 @@ def load_pipeline(folder: str | Path) -> RLDiffPipeline:
     return pipe
 
 
-def _from_pretrained_quietly(folder: Path) -> RLDiffPipeline:
+def from_pretrained_quietly(cls, folder: Path):
     """`from_pretrained` without its per-component progress bar (a redrawn line in job logs) and,
     by saying low_cpu_mem_usage=False, without its advice to install `accelerate` on every load."""
     from diffusers.utils import logging as diffusers_logging
@@ -43,7 +43,7 @@ def _from_pretrained_quietly(folder: Path) -> RLDiffPipeline:
     shown = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
     try:
-        return RLDiffPipeline.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+        return cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     finally:
         if shown:
             diffusers_logging.enable_progress_bar()

@@ -169,15 +169,9 @@ def load_prior(folder: str | Path) -> EmbeddingGridPrior:
     folder = Path(folder)
     if not (folder / PRIOR_INDEX).is_file():
         raise PriorError(f"{folder}: not a prior export (no {PRIOR_INDEX}); train one with `snakemake prior`")
-    from diffusers.utils import logging as diffusers_logging
+    from pipeline.models.loading import from_pretrained_quietly
 
-    shown = diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    try:
-        prior = EmbeddingGridPrior.from_pretrained(folder, low_cpu_mem_usage=False)
-    finally:
-        if shown:
-            diffusers_logging.enable_progress_bar()
+    prior = from_pretrained_quietly(EmbeddingGridPrior, folder)
     if not isinstance(prior, EmbeddingGridPrior):
         raise PriorError(f"{folder}: {PRIOR_INDEX} names {type(prior).__name__}, not an embedding-grid prior")
     for part in (prior.transformer, prior.projection):
