@@ -1,7 +1,8 @@
 # Representation-guided latent diffusion for large images: the whole pipeline.
 #   snakemake --cores N            every stage, report assets included
 #   snakemake --cores N tile       one stage (targets: tile, stain, embed, autoencoder, latents, train,
-#                                  prior, sample, large_image, generate, evaluate, report, viewer)
+#                                  prior, sample, large_image, generate, synthesize, evaluate, report,
+#                                  viewer)
 #   snakemake --report report.html the report: one self-contained HTML file (after the run)
 #   results/viewer/index.html      the deep-zoom viewer of the large images (open it in a browser)
 # Configuration: validated against pipeline/schemas/workflow_config.schema.yaml, which holds every
@@ -38,6 +39,7 @@ include: "rules/prior.smk"
 include: "rules/sample.smk"
 include: "rules/large_image.smk"
 include: "rules/generate.smk"
+include: "rules/synthesize.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 include: "rules/viewer.smk"
@@ -53,6 +55,7 @@ rule all:
         rules.sample.input,
         rules.large_image.input,
         rules.generate.input,
+        synthesize_targets,  # checkpoint-dependent: the function itself
         rules.evaluate.input,
         rules.report.input,
         rules.viewer.input,

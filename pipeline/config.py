@@ -503,8 +503,21 @@ def prepare_config(config: dict[str, Any], base_dir: Path) -> dict[str, DatasetS
     validate_config(config)
     resolve_paths(config, base_dir)
     specs = resolve_datasets(config, base_dir)
+    check_slide_selection(config, specs)
     check_files(config, specs)
     return specs
+
+
+def check_slide_selection(config: dict[str, Any], specs: dict[str, DatasetSpec]) -> None:
+    """synthesize_slide.slides, where it lists input ids: each is an input of a slide (wsi) dataset."""
+    selection = config["synthesize_slide"]["slides"]
+    if isinstance(selection, str):
+        return
+    known = {ident for spec in specs.values() if spec.kind == "wsi" for ident in spec.inputs}
+    strangers = [ident for ident in selection if ident not in known]
+    if strangers:
+        raise ConfigError(f"synthesize_slide.slides: {strangers} are not inputs of any slide (wsi) dataset; "
+                          f"known: {sorted(known)}")
 
 
 def load_config(path: str | Path) -> tuple[dict[str, Any], dict[str, DatasetSpec]]:

@@ -103,3 +103,21 @@ def patches_to_embed(dataset, input_id):
     """The folder the embedding stage reads: the tiled input, or its stain-normalised copy."""
     stage = "stain" if DATASETS[dataset].stain_normalization else "tiles"
     return f"{OUT}/{stage}/{dataset}/inputs/{input_id}"
+
+
+# Whole synthetic slides (rules/synthesize.smk): slide datasets only (aerial regions get GeoTIFFs
+# from the large-image stage), the inputs that `synthesize_slide.slides` selects.
+from pipeline.sampling.slide import selected_slides
+
+SLIDE_DATASETS = [name for name in EMBEDDED_DATASETS if DATASETS[name].kind == "wsi"]
+
+
+def slides_to_synthesize(dataset):
+    spec = DATASETS[dataset]
+    return selected_slides(config["synthesize_slide"]["slides"], list(spec.inputs), spec.holdout_inputs,
+                           tiled_inputs(dataset))
+
+
+def synthesize_targets(wildcards):
+    return [f"{OUT}/synthetic/{dataset}/{ident}/slide.json"
+            for dataset in SLIDE_DATASETS for ident in slides_to_synthesize(dataset)]

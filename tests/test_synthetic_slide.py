@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import DEMO_SLIDE, make_spec
+from helpers import DEMO_SLIDE, REPO, make_spec
 from pipeline.cli import main
 from pipeline.embedding.encoders import build_encoder
 from pipeline.embedding.extract import EmbeddingSettings, embed_input
@@ -232,3 +232,32 @@ def test_slide_settings_come_from_the_schema():
     with pytest.raises(ConfigError, match="synthesize_slide: band_rows"):
         settings_from_table(SlideSettings, {"band_rows": 0}, "synthesize_slide")
     assert SlideSettings(mode="lid").sampler_config(16).stride == 4  # lid mode's 16 of 64, on 16-latent windows
+
+
+def test_the_workflow_selects_slides_by_name_holdout_or_all():
+    from pipeline.sampling.slide import selected_slides
+
+    inputs, held_out, tiled = ["a", "b", "c"], ("c",), ["a", "c"]  # b kept no patches
+    assert selected_slides("all", inputs, held_out, tiled) == ["a", "c"]
+    assert selected_slides("held_out", inputs, held_out, tiled) == ["c"]
+    assert selected_slides(["b", "a", "other"], inputs, held_out, tiled) == ["a"]
+    assert selected_slides((), inputs, held_out, tiled) == []
+    # the selection is not part of a slide's identity: changing it never restarts a slide
+    assert SlideSettings(slides="all").sampler_config(16) == SlideSettings().sampler_config(16)
+
+
+def test_a_slide_selection_naming_no_slide_input_is_a_config_error(tmp_path):
+    import yaml
+
+    from pipeline.config import ConfigError, load_config
+
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    config["datasets"]["demo_he_20x"]["inputs"] = [str(DEMO_SLIDE)]
+    config["synthesize_slide"] = {"slides": ["cmu_small_region", "nowhere"]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"synthesize_slide\.slides: \['nowhere'\] are not inputs of any slide"):
+        load_config(tmp_path / "c.yaml")
+    config["synthesize_slide"] = {"slides": "some"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"synthesize_slide\.slides"):
+        load_config(tmp_path / "c.yaml")

@@ -104,10 +104,11 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     config["prior"].update(crop=2, layers=1, max_steps=12, checkpoint_every=6, log_every=3)
     config["generate"].update(rows=3, cols=3, steps=4, prior_steps=4, device="cpu")
     config["evaluation"].update(device="cpu", num_workers=0, prior_grids=16, prior_steps=4)
+    config["synthesize_slide"].update(steps=2, device="cpu")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
                            "--directory", str(tmp_path), "autoencoder", "train", "embed", "sample", "large_image",
-                           "prior", "generate", "evaluate", "report", "viewer")
+                           "prior", "generate", "synthesize", "evaluate", "report", "viewer")
     assert result.returncode == 0, result.stderr[-3000:]
     tiles = pd.read_parquet(tmp_path / "out/tiles/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
     embedded = pd.read_parquet(tmp_path / "out/embeddings/demo_he_20x/inputs/cmu_small_region/manifest.parquet")
@@ -184,6 +185,15 @@ def test_demo_chain_runs_through_sampling(tmp_path):
     (image,) = read_generated_images(tmp_path / "out/generated/demo_he_20x").images
     assert image.grid.shape[:2] == (3, 3) and image.tissue.any()
     assert {"prior_fd", "prior_fd_real_floor", "prior_fd_shuffled", "prior_neighbour_cosine_shuffled"} <= set(by_name)
+    # the whole slide re-synthesised from its own embedding grid, at the dataset's um/px
+    from pipeline.sampling.slide import read_slide_record
+
+    synthetic = tmp_path / "out/synthetic/demo_he_20x/cmu_small_region"
+    slide_record = read_slide_record(synthetic)
+    assert slide_record["tissue_cells"] == len(embedded) and slide_record["steps"] == 2
+    with openslide.OpenSlide(synthetic / "slide.tif") as slide:
+        assert slide.dimensions == (slide_record["width"], slide_record["height"])
+        assert float(slide.properties["openslide.mpp-x"]) == 0.5
 
     # the report: one self-contained HTML file with every section, caption and asset
     report = tmp_path / "report.html"

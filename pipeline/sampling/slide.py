@@ -21,7 +21,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,31 @@ class SlideSettings(RenderSettings):
     thumbnail_side: int = 1024
     jpeg_quality: int = 95
     device: str = "auto"
+    # Which slides the workflow's `synthesize` target renders (see selected_slides); not part of
+    # a slide's identity, so changing the selection never restarts a slide in progress.
+    slides: str | tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.band_rows < 1 or not 16 <= self.thumbnail_side <= PNG_MAX_SIDE:
             raise ValueError("band_rows must be positive and thumbnail_side within 16..4096")
+
+
+def selected_slides(selection: str | Sequence[str], inputs: Sequence[str], held_out: Sequence[str],
+                    tiled: Sequence[str]) -> list[str]:
+    """The input ids of one dataset that `synthesize_slide.slides` selects, among its tiled inputs
+    (those that kept patches): "all", "held_out" (the inputs the model never trained on), or a list
+    of input ids (of any dataset: the ones of this dataset are taken)."""
+    if selection == "all":
+        chosen = list(inputs)
+    elif selection == "held_out":
+        chosen = list(held_out)
+    elif isinstance(selection, str):
+        raise PipelineError(f"synthesize_slide.slides: {selection!r}; expected all, held_out or a list of input ids")
+    else:
+        chosen = [ident for ident in inputs if ident in set(selection)]
+    tiled = set(tiled)
+    return [ident for ident in chosen if ident in tiled]
 
 
 def band_starts(rows: int, band_rows: int) -> list[int]:
@@ -135,7 +155,7 @@ def synthesize_slide(model_dir: str | Path, out_dir: str | Path, *, mpp: float, 
     source = str(h5) if h5 is not None else f"{embeddings_dir}:{input_id}"
     key = None if h5 is not None else embedding_key_of(model, embedding_key)
     identity = {"model": str(model_dir), "source": source, "embedding_key": key, "mpp": mpp, "seed": seed,
-                "settings": asdict(settings), "config": asdict(config)}
+                "settings": {k: v for k, v in asdict(settings).items() if k != "slides"}, "config": asdict(config)}
     digest = _settings_digest(identity)
     settings_path = work / SETTINGS_FILE
     if not (settings_path.is_file() and json.loads(settings_path.read_text()).get("sha") == digest):
