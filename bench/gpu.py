@@ -86,9 +86,11 @@ def unet_section(pipe: RLDiffPipeline, device: torch.device, batches: list[int],
                   encoder_hidden_states=context)
     flops = counter.get_total_flops()
     rows = []
-    for precision in ("float32", "bfloat16"):
+    for precision, layout in (("float32", torch.contiguous_format), ("bfloat16", torch.contiguous_format),
+                              ("bfloat16", torch.channels_last)):
+        pipe.unet.to(memory_format=layout)
         for batch in batches:
-            x = torch.randn(batch, channels, size, size, device=device)
+            x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=layout)
             t = torch.full((batch,), 500.0, device=device)
             c = context.expand(batch, -1, -1)
             reset_peak(device)
@@ -101,10 +103,12 @@ def unet_section(pipe: RLDiffPipeline, device: torch.device, batches: list[int],
                 synchronize(device)
             seconds = time.perf_counter() - started
             rate = batch * repeats / seconds
-            rows.append({"precision": precision, "batch": batch, "evaluations_per_s": round(rate, 2),
+            rows.append({"precision": precision, "channels_last": layout == torch.channels_last, "batch": batch,
+                         "evaluations_per_s": round(rate, 2),
                          "mfu_of_bf16_peak": round(rate * flops / (peak_tflops * 1e12), 4),
                          "peak_memory_mib": peak_memory_mib(device)})
             print(json.dumps({"unet": rows[-1]}), flush=True)
+    pipe.unet.to(memory_format=torch.contiguous_format)  # the other sections measure the default layout
     return {"flops_per_evaluation": flops, "peak_tflops": peak_tflops, "rows": rows}
 
 

@@ -66,6 +66,26 @@ def test_bfloat16_stays_close_to_float32(lid):
     assert 0 < gap < 2e-2
 
 
+def test_channels_last_gives_the_same_noise_prediction_and_is_wired_from_the_settings(lid):
+    """NHWC weights and windows: the same numbers in another memory layout (CPU kernels differ in
+    summation order only), asked for by the `channels_last` setting of the render tables."""
+    import copy
+
+    from pipeline.sampling.config import LargeImageSettings
+
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randn(2, 3, 64, 64, generator=generator)
+    context = lid.condition(torch.randn(2, lid.embedding_dim, generator=generator))
+    t = torch.full((2,), 500.0)
+    reference = WindowDenoiser(lid.unet, "float32")(windows, t, context)
+    unet = copy.deepcopy(lid.unet)  # converted in place: keep the shared fixture's layout
+    nhwc = WindowDenoiser(unet, "float32", channels_last=True)
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc(windows, t, context), reference, atol=1e-4, rtol=1e-4)
+    assert LargeImageSettings(channels_last=True).sampler_config(64).channels_last
+    assert not LargeImageSettings().sampler_config(64).channels_last
+
+
 def test_feature_reuse_is_exact_on_full_steps_and_cheap_between(lid):
     unet = lid.unet
     generator = torch.Generator().manual_seed(0)
@@ -131,7 +151,8 @@ def test_the_gpu_script_runs_every_path_in_its_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((REPO / "bench" / "results" / "gpu_dry_run.json").read_text())
     assert report["dry_run"] and report["unet"]["flops_per_evaluation"] > 0
-    assert {row["precision"] for row in report["unet"]["rows"]} == {"float32", "bfloat16"}
+    assert {(row["precision"], row["channels_last"]) for row in report["unet"]["rows"]} == {
+        ("float32", False), ("bfloat16", False), ("bfloat16", True)}
     assert [(row["side_px"], row["mode"]) for row in report["large_image"]] == [(512, "lid"), (512, "fast")]
     assert report["training"]["steps_per_s"] > 0
     embed = json.loads((REPO / "bench" / "results" / "embed_dry_run.json").read_text())

@@ -31,6 +31,8 @@ class LargeImageConfig:
     feature_reuse: 1 runs the whole UNet every step; N > 1 runs it every N-th step and only its
         outermost `reuse_depth` down/up blocks in between, on cached deep features (DeepCache).
     compile_unet: torch.compile the UNet (off until measured worth its compile time).
+    channels_last: the UNet's weights and windows in channels_last layout (NHWC: cuDNN's tensor
+        core convolutions; off until measured on a card).
     decode_weights: how overlapping decoded windows are blended: "gaussian" (LID's; its
         decode_sigma), "hann" (sin^2 tapers that give a window's border pixels, where a decoder
         sees zero padding instead of context, almost no weight) or "uniform".
@@ -65,6 +67,7 @@ class LargeImageConfig:
     feature_reuse: int = 1
     reuse_depth: int = 1
     compile_unet: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.sampler != LID_SAMPLER and self.sampler not in DIFFUSERS_SAMPLERS:
@@ -144,6 +147,7 @@ class RenderSettings:
     feature_reuse: int | None = None
     precision: str = "auto"
     compile_unet: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

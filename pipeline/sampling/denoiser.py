@@ -22,7 +22,7 @@ class WindowDenoiser:
     """Noise predictions for batches of windows; `begin_step` says whether a step is a full one."""
 
     def __init__(self, unet: UNet2DConditionModel, precision: str = "float32", reuse_every: int = 1,
-                 reuse_depth: int = 1, compile_unet: bool = False) -> None:
+                 reuse_depth: int = 1, compile_unet: bool = False, channels_last: bool = False) -> None:
         if reuse_every < 1 or reuse_depth < 1:
             raise ValueError("reuse_every and reuse_depth must be at least 1")
         self.unet = unet
@@ -35,6 +35,11 @@ class WindowDenoiser:
             blocks = len(unet.down_blocks)
             if reuse_depth >= blocks:
                 raise ValueError(f"reuse_depth {reuse_depth} leaves nothing to reuse in a UNet of {blocks} blocks")
+        # NHWC: cuDNN's tensor-core convolutions want it; the weights are converted in place
+        # (the same numbers in another layout), the windows on every call.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
         self.forward = torch.compile(unet) if compile_unet else unet
         self.cache: dict[int, torch.Tensor] = {}
         self.full_step = True
@@ -48,6 +53,7 @@ class WindowDenoiser:
     def __call__(self, samples: torch.Tensor, timesteps: torch.Tensor, contexts: torch.Tensor,
                  key: int = 0) -> torch.Tensor:
         """Float32 noise predictions; `key` names the chunk whose deep features are cached."""
+        samples = samples.contiguous(memory_format=self.memory_format)
         with torch.no_grad(), autocast(self.precision, self.device):
             if self.reuse_every == 1:
                 epsilon = self.forward(samples, timesteps, encoder_hidden_states=contexts).sample

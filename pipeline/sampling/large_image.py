@@ -102,7 +102,7 @@ class LargeImageSampler:
         self.glass = Glass(self.tissue, window) if self.tissue is not None else None
         condition = model.condition
         denoiser = WindowDenoiser(model.unet, config.precision, config.feature_reuse, config.reuse_depth,
-                                  config.compile_unet)
+                                  config.compile_unet, config.channels_last)
         self.fused_layout, active = self.layout, self.active(self.layout)  # the windows the fusion holds
         self.fusion = WindowFusion(
             unet=denoiser,
