@@ -11,9 +11,9 @@ out=bench/results
 mkdir -p "$out"
 if [ "${1:-}" = "--dry-run" ]; then
   "$python" bench/gpu.py --dry-run --device cpu --out "$out/gpu_dry_run.json"
-  "$python" bench/embed.py --device cpu --copies 1 --batch-size 8 --num-workers 0 --out "$out/embed_dry_run.json"
+  "$python" bench/embed.py --device cpu --copies 1 --batch-size 8 --num-workers 0 --decode workers device --out "$out/embed_dry_run.json"
   exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_card.txt"
 timeout 360 "$python" bench/gpu.py --out "$out/gpu.json"
-timeout 120 "$python" bench/embed.py --device cuda --copies 40 --batch-size 256 --num-workers 8 --out "$out/embed_gpu.json"
+timeout 120 "$python" bench/embed.py --device cuda --copies 40 --batch-size 256 --num-workers 8 --decode workers device --out "$out/embed_gpu.json"

@@ -49,6 +49,36 @@ def crop_features(image: np.ndarray) -> np.ndarray:
     return thumbs.transpose(0, 2, 1, 3, 4).reshape(-1, THUMB * THUMB * 3)
 
 
+def summarise(runs: list[dict], features: dict[str, list[np.ndarray]], reference: np.ndarray) -> dict:
+    summary = {}
+    for method, parts in features.items():
+        if not parts:
+            continue
+        crops = np.concatenate(parts)
+        own = [r for r in runs if r["method"] == method]
+        summary[method] = {
+            "sampling_s_mean": round(float(np.mean([r["sampling_s"] for r in own])), 1),
+            "seam_score_mean": round(float(np.mean([r["seam_score"] for r in own])), 4),
+            "crop_fd_vs_lid": round(features_frechet_distance(crops, reference), 2),
+            "crops": len(crops), "lid_crops": len(reference), "seeds": len(parts)}
+    if len(features.get("fast", [])) >= 2:
+        summary["fast_seed_vs_seed"] = round(features_frechet_distance(features["fast"][0], features["fast"][1]), 2)
+    return summary
+
+
+def write_report(args, size_px: int, lid_seam: float, runs: list[dict], features: dict[str, list[np.ndarray]],
+                 reference: np.ndarray) -> dict:
+    summary = summarise(runs, features, reference)
+    report = {"fixture": str(args.fixture), "size_px": size_px, "lid_seam_score": lid_seam, "runs": runs,
+              "summary": summary, "complete": len(runs) == len(args.methods) * len(args.seeds),
+              "date": time.strftime("%Y-%m-%d %H:%M")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temp = args.out.with_name(args.out.name + ".tmp")
+    temp.write_text(json.dumps(report, indent=2) + "\n")
+    temp.replace(args.out)
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixture", type=Path, default=FIXTURE)
@@ -62,6 +92,7 @@ def main() -> None:
     size = lid_latent.shape[-1]
     lid_image = decode_canvas(model, lid_latent, LID_MODE)
     reference = crop_features(lid_image)
+    lid_seam = score_image(lid_image, LID_MODE, size, factor)["seam_score"]
     runs, features = [], {}
     for method in args.methods:
         config = FAST_MODE.with_(**METHODS[method])
@@ -77,21 +108,8 @@ def main() -> None:
                          "full_unet_evaluations": stats.unet_evaluations * full_steps // stats.steps,
                          "sampling_s": round(sampled, 1), **score_image(image, config, size, factor)})
             print(json.dumps(runs[-1]), flush=True)
-    summary = {}
-    for method, parts in features.items():
-        crops = np.concatenate(parts)
-        summary[method] = {
-            "sampling_s_mean": round(float(np.mean([r["sampling_s"] for r in runs if r["method"] == method])), 1),
-            "seam_score_mean": round(float(np.mean([r["seam_score"] for r in runs if r["method"] == method])), 4),
-            "crop_fd_vs_lid": round(features_frechet_distance(crops, reference), 2),
-            "crops": len(crops), "lid_crops": len(reference)}
-    if len(features.get("fast", [])) >= 2:
-        summary["fast_seed_vs_seed"] = round(features_frechet_distance(features["fast"][0], features["fast"][1]), 2)
-    report = {"fixture": str(args.fixture), "size_px": size * factor, "lid_seam_score":
-              score_image(lid_image, LID_MODE, size, factor)["seam_score"], "runs": runs, "summary": summary,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+            # after every image, so that a killed run keeps what it measured
+            summary = write_report(args, size * factor, lid_seam, runs, features, reference)
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
 

@@ -13,6 +13,8 @@ from helpers import DEMO_SLIDE, decode, make_spec, read_shards, run_pipeline, ru
 from pipeline.embedding.encoders import build_encoder
 from pipeline.embedding.extract import EmbeddingSettings, embed_input
 from pipeline.embedding.outputs import write_dataset_index
+from pipeline.errors import StageOutputError
+from pipeline.io.shard_stage import JpegPatches, PatchImages
 from pipeline.io.shards import decode_npy
 from pipeline.tiling.outputs import tile_input
 from pipeline.tiling.slide import open_slide_source
@@ -111,3 +113,29 @@ def test_dataset_index(embedded):
     assert set(index.input_id) == {"cmu_small_region"}
     assert all((root / "inputs" / shard).exists() for shard in index.shard)
     assert list(index.key) == [s["__key__"] for s in read_shards(folder)]
+
+
+def test_jpeg_decoded_on_the_device_in_batches_matches_the_worker_decode(tiles, hipt, embedded, tmp_path):
+    """decode: device (batched TorchCodec decode; nvJPEG on CUDA, libjpeg-turbo here) sees the
+    pixels the PIL workers see, so the embeddings agree; a corrupt patch names its shard."""
+    samples = read_shards(tiles)
+    workers, on_device = PatchImages(samples), JpegPatches(samples, "tiles")
+    assert JpegPatches.holds_jpeg(samples)
+    batched = torch.cat(list(on_device.batches(5, torch.device("cpu"))))
+    assert batched.dtype == torch.uint8 and batched.shape == (len(samples), 3, 256, 256)
+    by_workers = torch.stack([workers[i] for i in range(len(workers))])
+    difference = (batched.int() - by_workers.int()).abs()
+    assert difference.max() <= 2 and difference.float().mean() < 0.05  # IDCT rounding at most
+
+    folder, _ = embedded
+    settings = EmbeddingSettings(batch_size=8, num_workers=0, device="cpu", decode="device")
+    assert settings.decodes_on_device() and not SETTINGS.decodes_on_device()  # auto on a CPU: workers
+    embed_input(tiles, tmp_path / "device", [hipt], settings)
+    reference = np.stack([decode_npy(s["hipt_vit_s16.npy"]) for s in read_shards(folder)]).astype(np.float32)
+    vectors = np.stack([decode_npy(s["hipt_vit_s16.npy"]) for s in read_shards(tmp_path / "device")]).astype(np.float32)
+    cosine = (reference * vectors).sum(1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(vectors, axis=1)
+    assert cosine.min() > 0.999
+
+    broken = [{**samples[0], "jpg": samples[0]["jpg"][:200]}]
+    with pytest.raises(StageOutputError, match="broken.tar: a JPEG patch among samples 0-0 does not decode"):
+        next(JpegPatches(broken, "broken.tar").batches(4, torch.device("cpu")))

@@ -10,7 +10,7 @@ a finished one is never recomputed, so a killed run resumes where it stopped. Th
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline.embedding.outputs import WEIGHTS_HASH
 from pipeline.io.device import resolve_device
-from pipeline.io.shard_stage import PatchImages, process_shards
+from pipeline.io.shard_stage import JpegPatches, PatchImages, process_shards
 from pipeline.io.shards import encode_json, encode_npy, image_field, read_shard, write_shard
 
 @dataclass(frozen=True)
@@ -33,23 +33,37 @@ class EmbeddingSettings:
     batch_size: int = 64
     num_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # JPEG patches: workers (PIL in DataLoader workers) | device (batched TorchCodec decode on the
+    # embedding device: nvJPEG on CUDA) | auto (device on CUDA, workers on a CPU). Others: workers.
+    decode: str = "auto"
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
 
+    def decodes_on_device(self) -> bool:
+        return self.decode == "device" or (self.decode == "auto" and self.torch_device().type == "cuda")
+
+
+def _device_batches(images: Dataset | JpegPatches, settings: EmbeddingSettings,
+                    device: torch.device) -> Iterator[torch.Tensor]:
+    if isinstance(images, JpegPatches):
+        yield from images.batches(settings.batch_size, device)
+        return
+    loader = DataLoader(images, batch_size=settings.batch_size, num_workers=settings.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    for batch in loader:
+        yield batch.to(device, non_blocking=True)
+
 
 @torch.inference_mode()
-def embed_images(encoders: Sequence[Any], images: Dataset, settings: EmbeddingSettings,
+def embed_images(encoders: Sequence[Any], images: Dataset | JpegPatches, settings: EmbeddingSettings,
                  progress: tqdm | None = None) -> dict[str, np.ndarray]:
     """Embeddings [N, D] (float16) of every image for every encoder, in dataset order."""
     device = settings.torch_device()
-    loader = DataLoader(images, batch_size=settings.batch_size, num_workers=settings.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
     outputs: dict[str, list[np.ndarray]] = {e.spec.name: [] for e in encoders}
     # bf16 on GPU (the published encoders are run this way for extraction); full fp32 on CPU.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for batch in loader:
-        batch = batch.to(device, non_blocking=True)
+    for batch in _device_batches(images, settings, device):
         with autocast:
             for encoder in encoders:
                 vectors = encoder(encoder.preprocess(batch)).float()
@@ -64,7 +78,9 @@ def embed_shard(source: Path, target: Path, encoders: Sequence[Any], settings: E
                 progress: tqdm | None = None) -> int:
     """Embed one tiling shard into ``target`` (atomic). Returns the number of samples."""
     samples = read_shard(source)
-    vectors = embed_images(encoders, PatchImages(samples), settings, progress)
+    on_device = settings.decodes_on_device() and JpegPatches.holds_jpeg(samples)
+    images = JpegPatches(samples, str(source)) if on_device else PatchImages(samples)
+    vectors = embed_images(encoders, images, settings, progress)
     records = {e.spec.name: e.record() for e in encoders}
     out = []
     for index, sample in enumerate(samples):
