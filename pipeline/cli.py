@@ -142,7 +142,8 @@ def _generate(args: argparse.Namespace) -> int:
     spec = DatasetSpec.from_json(args.spec)
     settings = settings_from_table(GenerateSettings, _table(args.settings), "generate")
     manifest = generate_images(args.model, args.prior, args.out, dataset=spec.name, kind=spec.kind,
-                               mpp=spec.target_mpp, settings=settings, seed=args.seed)
+                               mpp=spec.target_mpp, settings=settings, seed=args.seed,
+                               source_bands=spec.bands if spec.kind == "aerial" else ())
     for _, row in manifest.iterrows():
         print(f"{args.out}/{row['image']}: {row['width']}x{row['height']} px from a {row['rows']}x{row['cols']} grid "
               f"sampled by the prior ({row['tissue_fraction']:.0%} tissue), {row['unet_evaluations']} UNet evaluations")
@@ -251,8 +252,6 @@ def _join_process_group() -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import json
-
     from pipeline.evaluation import EvaluationSettings, describe, evaluate
 
     result = evaluate(args.out, EvaluationSettings.from_dict(_table(args.settings)), _table(args.encoders),

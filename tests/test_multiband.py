@@ -39,12 +39,16 @@ AE = AutoencoderTrainSettings(kind="kl", downsampling=16, channels=8, channel_mu
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> dict:
-    """tile -> autoencoder -> embed -> latents -> train -> export -> large_image, on both NAIP files."""
+    """tile -> autoencoder -> embed -> latents -> train -> export -> large_image, on both NAIP files;
+    then prior -> generate."""
     from pipeline.embedding.encoders import build_encoder
     from pipeline.embedding.extract import EmbeddingSettings, embed_input
     from pipeline.embedding.outputs import recorded_encoder, write_dataset_index
     from pipeline.latents import EncodeSettings, encode_input
     from pipeline.models.autoencoder import load_autoencoder
+    from pipeline.prior.run import train_prior
+    from pipeline.prior.settings import PriorSettings
+    from pipeline.sampling.generate import GenerateSettings, generate_images
     from pipeline.sampling.config import LargeImageSettings
     from pipeline.sampling.stage import generate_large_images
     from pipeline.tiling.run import tile_dataset
@@ -87,6 +91,14 @@ def chain(tmp_path_factory) -> dict:
     manifest = generate_large_images(model, embeddings, root / "large", dataset=spec.name, kind="aerial",
                                      mpp=spec.target_mpp, holdout_inputs=spec.holdout_inputs, settings=settings,
                                      seed=0, source_bands=spec.bands)
+    # A tiny prior on the training input's grid (3x2 cells at 256 px), then one reference-free image.
+    prior = root / "prior"
+    train_prior({spec.name: embeddings}, prior, PriorSettings(
+        crop=2, layers=1, heads=2, head_dim=16, batch_size=4, max_steps=5, warmup_steps=1, checkpoint_every=5,
+        log_every=1, embedding_key=ENCODER, accelerator="cpu"), holdout_inputs={spec.name: spec.holdout_inputs})
+    generate_images(model, prior, root / "generated", dataset=spec.name, kind="aerial", mpp=spec.target_mpp,
+                    settings=GenerateSettings(count=1, rows=2, cols=2, prior_steps=2, mode="fast", steps=2,
+                                              device="cpu"), seed=0, source_bands=spec.bands)
     return {"root": root, "tiles": tiles, "autoencoder": autoencoder, "manifest": manifest}
 
 
@@ -149,6 +161,26 @@ def test_the_large_image_is_a_georeferenced_four_band_geotiff_beside_an_rgb_png(
     assert (region.generated_geotiff, region.reference_geotiff) == (large / row.generated_geotiff,
                                                                     large / row.reference_geotiff)
     assert record["georeference"]["transform"] == pytest.approx(list(expected)[:6])
+
+
+def test_a_reference_free_aerial_image_is_a_four_band_geotiff_with_a_pixel_size_and_no_place(chain):
+    from pipeline.sampling.outputs import read_generated_images
+
+    (image,) = read_generated_images(chain["root"] / "generated").images
+    assert image.geotiff is not None and image.geotiff.name == "generated.geo.tif"
+    with rasterio.open(image.geotiff) as geotiff:
+        assert geotiff.count == 4 and geotiff.crs is None  # generated from no place: none is claimed
+        assert geotiff.transform.almost_equals(Affine(5.0, 0, 0, 0, -5.0, 0))  # but at the dataset's 5 m
+        assert geotiff.descriptions == tuple(f"source band {b}" for b in (1, 2, 3, 4))
+        bands = np.moveaxis(geotiff.read(), 0, -1)
+    assert bands.shape == (2 * PATCH, 2 * PATCH, 4)
+    np.testing.assert_array_equal(np.asarray(Image.open(image.generated)), bands[..., :3])
+    cells = bands.reshape(2, PATCH, 2, PATCH, 4).transpose(0, 2, 1, 3, 4)
+    for (r, c), tissue in np.ndenumerate(image.tissue):
+        if tissue:
+            assert cells[r, c, ..., 3].std() > 0  # a generated NIR band
+        else:
+            assert (cells[r, c] == 255).all()  # glass
 
 
 def test_a_resampled_region_is_placed_by_the_source_affine_and_the_gsd_ratio(tmp_path):

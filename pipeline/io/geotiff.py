@@ -23,7 +23,7 @@ GEOTIFF_TILE = 256
 def write_geotiff(
     path: str | Path,
     image: Any,
-    crs: str,
+    crs: str | None,
     transform: tuple[float, ...] | list[float],
     *,
     tile: int = GEOTIFF_TILE,
@@ -32,7 +32,8 @@ def write_geotiff(
 ) -> list[int]:
     """Write every band of a uint8 (H, W, bands) array-like as a georeferenced GeoTIFF, atomically.
 
-    ``crs``: what rasterio's CRS takes (``"EPSG:26914"``, WKT); ``transform``: the affine of pixel
+    ``crs``: what rasterio's CRS takes (``"EPSG:26914"``, WKT), or None for an image with a pixel
+    size but no place; ``transform``: the affine of pixel
     (0, 0)'s top-left corner, ``[a, b, c, d, e, f]`` in rasterio's order. Tiled (``tile`` squared),
     Deflate with the horizontal predictor (lossless), pixel-interleaved; the first three bands are
     tagged red, green, blue and any further ones undefined. Internal overviews (2x2 averages of

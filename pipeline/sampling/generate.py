@@ -5,7 +5,7 @@ call). A grid without any tissue is drawn again (next seed, up to ``max_draws`` 
 
 Outputs, ``OUT/generated/<dataset>/`` (docs/data_contract.md, "Stage 6b"; names and reader in
 `pipeline.sampling.outputs`): ``image-NNN/`` folders (each atomic, reused by a re-run with the same
-settings) with ``generated.png`` and/or ``generated.tif``, ``grid.npy`` (rows, cols, D: unit
+settings) with ``generated.png`` and/or ``generated.tif`` (aerial: and ``generated.geo.tif``), ``grid.npy`` (rows, cols, D: unit
 embeddings, zeros at background), ``tissue.npy`` (rows, cols bool) and ``image.json``; then
 ``manifest.parquet`` and ``generated.json``.
 """
@@ -16,7 +16,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +31,7 @@ from pipeline.sampling.large_image import LargeImageSampler
 from pipeline.sampling.outputs import (GENERATED_IMAGES_SUMMARY, GENERATED_IMAGE_RECORD, GRID_EMBEDDINGS,
                                        GRID_TISSUE, MANIFEST, image_folder)
 from pipeline.sampling.prior_grid import sample_grids
+from pipeline.sampling.references import Georeference
 from pipeline.sampling.stage import pixel_size_um, write_generated_image
 
 
@@ -75,8 +75,11 @@ def draw_grid(prior, settings: GenerateSettings, dataset: str, seed: int) -> tup
 
 
 def generate_images(model_dir: str | Path, prior_dir: str | Path, out_dir: str | Path, *, dataset: str, kind: str,
-                    mpp: float, settings: GenerateSettings, seed: int) -> pd.DataFrame:
-    """`settings.count` reference-free large images of `dataset`."""
+                    mpp: float, settings: GenerateSettings, seed: int,
+                    source_bands: tuple[int, ...] = ()) -> pd.DataFrame:
+    """`settings.count` reference-free large images of `dataset`. Aerial images also get a GeoTIFF
+    of every band (`source_bands` name them) at the dataset's ground resolution, placed nowhere: no
+    CRS, an affine that only scales (a generated image has a pixel size, not a location)."""
     out_dir = Path(out_dir)
     device = resolve_device(settings.device)
     model = load_pipeline(model_dir).to(device)
@@ -85,6 +88,8 @@ def generate_images(model_dir: str | Path, prior_dir: str | Path, out_dir: str |
         raise PipelineError(f"{prior_dir}: the prior samples {prior.embedding_dim}-wide embeddings, but the model "
                             f"{model_dir} is conditioned on {model.embedding_dim}-wide ones")
     config = settings.sampler_config(model.latent_size)
+    georeference = Georeference.unplaced(mpp) if kind == "aerial" else None
+    band_names = [f"source band {band}" for band in source_bands] or None
     records = []
     for number in range(settings.count):
         identity = {"model": str(model_dir), "prior": str(prior_dir), "settings": asdict(settings),
@@ -100,7 +105,7 @@ def generate_images(model_dir: str | Path, prior_dir: str | Path, out_dir: str |
         with atomic_dir(folder) as temp:
             files = write_generated_image(LargeImageSampler(model, grid, image_config, tissue=tissue), temp,
                                           pixel_size_um(mpp, kind), settings.png_max_side, settings.tiff,
-                                          settings.jpeg_quality)
+                                          settings.jpeg_quality, georeference, band_names)
             np.save(temp / GRID_EMBEDDINGS, grid)
             np.save(temp / GRID_TISSUE, tissue)
             record = {"image": image_folder(number), "dataset": dataset, "seed": seed + number,
@@ -113,7 +118,7 @@ def generate_images(model_dir: str | Path, prior_dir: str | Path, out_dir: str |
             (temp / GENERATED_IMAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         records.append(record)
     manifest = pd.DataFrame.from_records([{k: v for k, v in r.items() if k != "config"} for r in records])
-    for column in ("generated_png", "generated_tif", "grid", "tissue"):
+    for column in ("generated_png", "generated_tif", "generated_geotiff", "grid", "tissue"):
         if column in manifest:
             manifest[column] = [f"{i}/{v}" if isinstance(v, str) else None for i, v in zip(manifest.image, manifest[column])]
     with atomic_file(out_dir / MANIFEST) as temp:

@@ -256,6 +256,7 @@ class ReferenceFreeImage:
     grid: np.ndarray                 # (rows, cols, D) float32: the sampled embeddings, zeros at background
     tissue: np.ndarray               # (rows, cols) bool: where the image is tissue (elsewhere glass)
     settings: dict[str, Any]         # the manifest row's other columns: seed, mode, tissue_fraction, ...
+    geotiff: Path | None = None      # every band, at the ground resolution, no CRS (aerial datasets only)
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,8 +281,10 @@ def read_generated_images(folder: str | Path) -> ReferenceFreeImages:
         grid, tissue = _read_array(folder / row["grid"]), _read_array(folder / row["tissue"])
         if grid.ndim != 3 or tissue.shape != grid.shape[:2]:
             raise StageOutputError(f"{folder / name}: grid {grid.shape} and tissue mask {tissue.shape} do not agree")
+        geotiff = _plain(row.get("generated_geotiff"))
+        geotiff = _existing(folder, [geotiff], f"image {name}")[0] if isinstance(geotiff, str) and geotiff else None
         settings = {c: _plain(v) for c, v in row.items() if c not in ("image", "grid", "tissue", "generated_png",
-                                                                      "generated_tif")}
-        images.append(ReferenceFreeImage(name, path, grid, tissue.astype(bool), settings))
+                                                                      "generated_tif", "generated_geotiff")}
+        images.append(ReferenceFreeImage(name, path, grid, tissue.astype(bool), settings, geotiff))
     dataset = str(manifest["dataset"].iloc[0]) if "dataset" in manifest.columns and len(manifest) else folder.name
     return ReferenceFreeImages(folder, dataset, images)

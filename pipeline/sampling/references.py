@@ -100,10 +100,16 @@ def region_grid(region: Region, patches: dict[str, RealPatch],
 @dataclass(frozen=True)
 class Georeference:
     """Where a region's pixels lie: its CRS and the affine [a, b, c, d, e, f] (rasterio order) of
-    its pixel (0, 0), at the patches' ground resolution."""
+    its pixel (0, 0), at the patches' ground resolution. A reference-free image has a ground
+    resolution but no place: no CRS, and an affine that only scales (see `unplaced`)."""
 
-    crs: str
+    crs: str | None
     transform: tuple[float, ...]
+
+    @classmethod
+    def unplaced(cls, metres_per_pixel: float) -> Georeference:
+        """Pixel (0, 0) at the origin, `metres_per_pixel` square pixels, no CRS."""
+        return cls(None, (float(metres_per_pixel), 0.0, 0.0, 0.0, -float(metres_per_pixel), 0.0))
 
 
 GEO_COLUMNS = ("crs", "transform")
