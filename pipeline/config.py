@@ -14,7 +14,7 @@ import re
 import typing
 import unicodedata
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -518,6 +518,23 @@ def check_slide_selection(config: dict[str, Any], specs: dict[str, DatasetSpec])
     if strangers:
         raise ConfigError(f"synthesize_slide.slides: {strangers} are not inputs of any slide (wsi) dataset; "
                           f"known: {sorted(known)}")
+
+
+def selected_slides(selection: str | Sequence[str], inputs: Sequence[str], held_out: Sequence[str],
+                    tiled: Sequence[str]) -> list[str]:
+    """The input ids of one dataset that `synthesize_slide.slides` selects, among its tiled inputs
+    (those that kept patches): "all", "held_out" (the inputs the model never trained on), or a list
+    of input ids (of any dataset: the ones of this dataset are taken)."""
+    if selection == "all":
+        chosen = list(inputs)
+    elif selection == "held_out":
+        chosen = list(held_out)
+    elif isinstance(selection, str):
+        raise ConfigError(f"synthesize_slide.slides: {selection!r}; expected all, held_out or a list of input ids")
+    else:
+        chosen = [ident for ident in inputs if ident in set(selection)]
+    tiled = set(tiled)
+    return [ident for ident in chosen if ident in tiled]
 
 
 def load_config(path: str | Path) -> tuple[dict[str, Any], dict[str, DatasetSpec]]:

@@ -68,7 +68,7 @@ def encoder_settings_json(dataset):
 def tiled_inputs(dataset):
     """The dataset's inputs whose tiling kept patches: only they get embedding and later jobs (read
     from the tiling summary, so the jobs after it are planned once it exists)."""
-    from pipeline.tiling.outputs import inputs_with_patches
+    from pipeline.tiling.status import inputs_with_patches
 
     return inputs_with_patches(Path(checkpoints.tile_dataset.get(dataset=dataset).output.status).parent)
 
@@ -107,7 +107,7 @@ def patches_to_embed(dataset, input_id):
 
 # Whole synthetic slides (rules/synthesize.smk): slide datasets only (aerial regions get GeoTIFFs
 # from the large-image stage), the inputs that `synthesize_slide.slides` selects.
-from pipeline.sampling.slide import selected_slides
+from pipeline.config import selected_slides
 
 SLIDE_DATASETS = [name for name in EMBEDDED_DATASETS if DATASETS[name].kind == "wsi"]
 

@@ -110,3 +110,9 @@ def write_tiled_input(folder: Path, images: list[tuple[str, np.ndarray]], per_sh
             rows.append({"key": key, **meta, "shard": shard})
     pd.DataFrame(rows).to_parquet(folder / "manifest.parquet", index=False)
     return folder
+
+
+def run_snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """The workflow's Snakefile under this interpreter's snakemake, output captured."""
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args], cwd=cwd,
+                          capture_output=True, text=True)

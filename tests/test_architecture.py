@@ -48,3 +48,19 @@ def test_layering(package):
     imports = imported_packages(package)
     wrong = {name: where for name, where in imports.items() if name in FORBIDDEN[package]}
     assert not wrong, f"pipeline.{package} imports {wrong}"
+
+
+def test_the_workflow_plans_its_jobs_without_importing_torch():
+    """Every snakemake start (dry runs, each SLURM job step) parses the rule files: what they import
+    of the package must not pull in torch (seconds per start); the jobs' own commands do."""
+    import re
+    import subprocess
+    import sys
+
+    modules = sorted({m for path in (REPO / "rules").glob("*.smk")
+                      for m in re.findall(r"^\s*from (pipeline[\w.]*) import", path.read_text(), re.M)})
+    assert "pipeline.config" in modules and "pipeline.tiling.status" in modules
+    probe = f"import sys; [__import__(m) for m in {modules!r}]; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'webdataset')))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout[:500]

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -19,7 +17,8 @@ from pipeline.evaluation.outputs import METRICS_FORMAT, read_metrics, write_metr
 from pipeline.io.shards import ShardWriter, read_shard
 from pipeline.sampling.outputs import read_large_images, read_samples
 from pipeline.tiling.failures import Reason
-from pipeline.tiling.outputs import read_tiling_status, summarize_dataset
+from pipeline.tiling.outputs import summarize_dataset
+from pipeline.tiling.status import read_tiling_status
 from pipeline.training.outputs import read_training_done, read_training_log, write_training_done
 
 

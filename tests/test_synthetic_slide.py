@@ -235,7 +235,7 @@ def test_slide_settings_come_from_the_schema():
 
 
 def test_the_workflow_selects_slides_by_name_holdout_or_all():
-    from pipeline.sampling.slide import selected_slides
+    from pipeline.config import selected_slides
 
     inputs, held_out, tiled = ["a", "b", "c"], ("c",), ["a", "c"]  # b kept no patches
     assert selected_slides("all", inputs, held_out, tiled) == ["a", "c"]

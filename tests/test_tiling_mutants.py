@@ -24,7 +24,8 @@ from pipeline.tiling.failures import Reason
 from pipeline.tiling.run import DEFAULT_MEMORY_MB, tile_dataset
 from tiff_mutants import Layout, mutants
 
-PER_KIND = 16
+PER_KIND = 8  # per mutation kind in the default run; `pytest -m slow` runs MANY_PER_KIND
+MANY_PER_KIND = 64
 SOURCES = {  # name -> (file, spec changes, mutation kinds)
     "svs": (DEMO_SLIDE, {"kind": "wsi"}, ["truncate", "directory_flip", "jpeg_tables_flip", "tile_flip", "tile_zero",
                                           "absurd_dimensions", "description_edit"]),
@@ -52,8 +53,9 @@ def openslide_reads_tile(path, tile_box) -> bool:
     return True
 
 
-@pytest.mark.parametrize("source", sorted(SOURCES))
-def test_every_mutant_fails_by_name_or_tiles_as_the_clean_file(source, tmp_path, capfd):
+@pytest.mark.parametrize(("source", "per_kind"), [pytest.param(s, PER_KIND, id=s) for s in sorted(SOURCES)] + [
+    pytest.param(s, MANY_PER_KIND, id=f"{s}-many", marks=pytest.mark.slow) for s in sorted(SOURCES)])
+def test_every_mutant_fails_by_name_or_tiles_as_the_clean_file(source, per_kind, tmp_path, capfd):
     path, changes, kinds = SOURCES[source]
     spec = make_spec(**changes)
     tile_dataset(make_spec(**changes, inputs={"clean": str(path)}), tmp_path / "clean")
@@ -62,7 +64,7 @@ def test_every_mutant_fails_by_name_or_tiles_as_the_clean_file(source, tmp_path,
     layout = Layout.of(path)
     made = {}
     for kind in kinds:
-        for mutant in mutants(source, layout, kind, PER_KIND):
+        for mutant in mutants(source, layout, kind, per_kind):
             file = tmp_path / "mutants" / f"{mutant.name}.tif"
             file.parent.mkdir(exist_ok=True)
             file.write_bytes(mutant.data)

@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.io.shard_stage import SHARD_GLOB
 from pipeline.io.shards import decode_bands, image_field, iter_shard
 from pipeline.splits import is_held_out
-from pipeline.tiling.outputs import INPUTS_DIR, inputs_with_patches
+from pipeline.tiling.status import INPUTS_DIR, inputs_with_patches
 
 _STEP_STREAM = 0xAE57
 

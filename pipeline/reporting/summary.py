@@ -15,7 +15,7 @@ from pipeline.reporting.notices import model_parts, random_notice
 from pipeline.reporting.pages import banner, html_page, table_html
 from pipeline.reporting.tiling import tiling_summary
 from pipeline.sampling.outputs import PatchSamples, read_large_images, read_samples
-from pipeline.tiling.outputs import read_tiling_status
+from pipeline.tiling.status import read_tiling_status
 from pipeline.training.outputs import read_training_done, read_training_log
 
 STAGES = {

@@ -1,5 +1,5 @@
 """The tiling stage in the report: the inputs table (slides.html) and the sheet of QC thumbnails
-(thumbnails.jpg), from `pipeline.tiling.outputs.read_tiling_status`."""
+(thumbnails.jpg), from `pipeline.tiling.status.read_tiling_status`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pipeline.io.atomic import write_text_atomic
 from pipeline.reporting.pages import html_page, table_html
 from pipeline.io.sheets import fit, font, write_jpeg
 from pipeline.reporting.sheets import GREY, RED, Caption, placeholder, stack, title_bar
-from pipeline.tiling.outputs import InputStatus, read_tiling_status
+from pipeline.tiling.status import InputStatus, read_tiling_status
 
 TABLE_COLUMNS = ["input", "file", "status", "reason", "patches", "size (px)", "source px size", "pixel size from",
                  "message"]

@@ -21,7 +21,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ class SlideSettings(RenderSettings):
     thumbnail_side: int = 1024
     jpeg_quality: int = 95
     device: str = "auto"
-    # Which slides the workflow's `synthesize` target renders (see selected_slides); not part of
+    # Which slides the workflow's `synthesize` target renders (see pipeline.config.selected_slides); not part of
     # a slide's identity, so changing the selection never restarts a slide in progress.
     slides: str | tuple[str, ...] = ()
 
@@ -64,23 +64,6 @@ class SlideSettings(RenderSettings):
         super().__post_init__()
         if self.band_rows < 1 or not 16 <= self.thumbnail_side <= PNG_MAX_SIDE:
             raise ValueError("band_rows must be positive and thumbnail_side within 16..4096")
-
-
-def selected_slides(selection: str | Sequence[str], inputs: Sequence[str], held_out: Sequence[str],
-                    tiled: Sequence[str]) -> list[str]:
-    """The input ids of one dataset that `synthesize_slide.slides` selects, among its tiled inputs
-    (those that kept patches): "all", "held_out" (the inputs the model never trained on), or a list
-    of input ids (of any dataset: the ones of this dataset are taken)."""
-    if selection == "all":
-        chosen = list(inputs)
-    elif selection == "held_out":
-        chosen = list(held_out)
-    elif isinstance(selection, str):
-        raise PipelineError(f"synthesize_slide.slides: {selection!r}; expected all, held_out or a list of input ids")
-    else:
-        chosen = [ident for ident in inputs if ident in set(selection)]
-    tiled = set(tiled)
-    return [ident for ident in chosen if ident in tiled]
 
 
 def band_starts(rows: int, band_rows: int) -> list[int]:

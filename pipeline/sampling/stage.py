@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from pipeline.embedding.outputs import read_embedding_index, read_patches

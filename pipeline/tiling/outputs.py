@@ -1,11 +1,11 @@
-"""Per-input tiling outputs and the per-dataset summary (see docs/data_contract.md), and the
-reader of the summary's status table.
+"""Per-input tiling outputs and the per-dataset summary (see docs/data_contract.md).
 
 Each input gets one folder, written as a whole (temporary folder, then rename):
 ``patches-NNNNNN.tar`` shards, ``manifest.parquet``, ``thumbnail.jpg`` and ``status.json``.
 An input that fails still gets a folder with an empty manifest and a status naming the
 reason, so one bad slide never stops the dataset; a ``no_tissue`` input keeps its thumbnail.
-The dataset's ``status.tsv`` (one row per input) is read with `read_tiling_status`.
+The dataset's ``status.tsv`` (one row per input) is read with `read_tiling_status`
+(pipeline.tiling.status, which the workflow reads without importing torch).
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.config import DatasetSpec
-from pipeline.errors import StageOutputError
 from pipeline.io.atomic import atomic_dir, atomic_file
 from pipeline.io.shards import ShardWriter, encode_image, encode_json
-from pipeline.io.stage_files import check_columns
 from pipeline.tiling.failures import Reason, TilingError
+from pipeline.tiling.status import STATUS_TABLE_COLUMNS, THUMBNAIL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +36,6 @@ INTEGER_STATUS_COLUMNS = {"patch_count", "width", "height", "grid_cols", "grid_r
 # Integer for slides, fractional for most resampled aerial grids: integer when every value is whole.
 WHOLE_WHEN_WHOLE_COLUMNS = {"read_size"}
 MANIFEST_FILE = "manifest.parquet"
-THUMBNAIL_FILE = "thumbnail.jpg"
-STATUS_TABLE = "status.tsv"  # per dataset, beside inputs/<input id>/
-INPUTS_DIR = "inputs"
-STATUS_TABLE_COLUMNS = ["input_id", "source", "status", "reason", "patch_count", "message"]
 
 
 @dataclasses.dataclass
@@ -213,64 +208,3 @@ def describe_summary(table: pd.DataFrame) -> str:
         # The message is "<path>: <reason>: <detail>": shown once, after the file name.
         lines.append(f"  FAILED {row.source}: {str(row.message).removeprefix(f'{row.path}: ')}")
     return "\n".join(lines)
-
-
-@dataclasses.dataclass(frozen=True)
-class InputStatus:
-    """One input's row of a dataset's status.tsv: its outcome and what was learnt about it."""
-
-    input_id: str
-    source: str                      # the input's file name
-    kind: str                        # wsi | aerial
-    done: bool
-    reason: Reason | None            # why it failed
-    patch_count: int
-    message: str | None              # "<path>: <reason>: <detail>" of a failed input
-    width: int | None                # level-0 / source pixels, when the file opened
-    height: int | None
-    pixel_size: float | None         # slides: level-0 um/px; aerial: source ground m/px
-    pixel_size_from: str | None      # slides: where the um/px came from (mpp_source)
-    thumbnail: Path | None           # its QC image, when one was written
-
-
-def _cell(row: pd.Series, name: str) -> Any:
-    value = row.get(name)
-    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
-
-
-def _input_status(row: pd.Series, dataset_dir: Path, path: Path) -> InputStatus:
-    input_id = str(row["input_id"])
-    reason = _cell(row, "reason")
-    try:
-        reason = Reason(reason) if reason is not None else None
-    except ValueError:
-        raise StageOutputError(f"{path}: input {input_id} has an unknown reason {reason!r}") from None
-    width, height = _cell(row, "width"), _cell(row, "height")
-    pixel_size = next((v for v in (_cell(row, "level0_mpp"), _cell(row, "source_gsd")) if v is not None), None)
-    thumbnail = dataset_dir / INPUTS_DIR / input_id / THUMBNAIL_FILE
-    return InputStatus(
-        input_id=input_id, source=str(row["source"]), kind=str(_cell(row, "kind") or "wsi"),
-        done=row["status"] == "done", reason=reason, patch_count=int(_cell(row, "patch_count") or 0),
-        message=_cell(row, "message"), width=int(width) if width is not None else None,
-        height=int(height) if height is not None else None,
-        pixel_size=float(pixel_size) if pixel_size is not None else None,
-        pixel_size_from=_cell(row, "mpp_source"), thumbnail=thumbnail if thumbnail.is_file() else None)
-
-
-def read_tiling_status(dataset_dir: str | Path) -> list[InputStatus]:
-    """The inputs of a tiled dataset (``OUT/tiles/<dataset>``), in status.tsv order."""
-    dataset_dir = Path(dataset_dir)
-    path = dataset_dir / STATUS_TABLE
-    if not path.is_file():
-        raise StageOutputError(f"{path}: no tiling status table (run the tile stage first)")
-    try:
-        table = pd.read_csv(path, sep="\t", dtype={"input_id": str, "source": str, "reason": str, "message": str})
-    except (OSError, ValueError) as exc:
-        raise StageOutputError(f"{path}: cannot read: {exc}") from exc
-    check_columns(table, STATUS_TABLE_COLUMNS, path)
-    return [_input_status(row, dataset_dir, path) for _, row in table.iterrows()]
-
-
-def inputs_with_patches(dataset_dir: str | Path) -> list[str]:
-    """Input ids of a tiled dataset whose tiling kept at least one patch."""
-    return [status.input_id for status in read_tiling_status(dataset_dir) if status.done and status.patch_count > 0]
