@@ -1,5 +1,6 @@
 """synthesize-slide on a side x side grid with a disc of tissue (random 384-d features in a
-TRIDENT-layout .h5, the demo's `small` UNet with random tiny VQ-f16 weights, fast mode, CPU):
+TRIDENT-layout .h5; the four corner cells are tissue too, so the slide is the whole
+side x side grid), the demo's `small` UNet with random tiny VQ-f16 weights, fast mode, CPU):
 seconds, UNet evaluations, peak resident set. Writes bench/results/slide_<side>.json.
 
     python bench/slide.py SIDE WORK_DIR [STEPS]      # e.g. 8 /tmp/slide 20
@@ -22,6 +23,7 @@ if not model.exists():
 rng = np.random.default_rng(0)
 yy, xx = np.mgrid[:side, :side]
 tissue = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (side / 2.2) ** 2  # a disc of tissue
+tissue[[0, 0, -1, -1], [0, -1, 0, -1]] = True  # and the four corners, so the grid spans side x side
 cells = np.argwhere(tissue)
 h5 = root / f"grid{side}.h5"
 with h5py.File(h5, "w") as f:
