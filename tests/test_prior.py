@@ -182,4 +182,10 @@ def test_prior_metrics_compare_against_the_real_floor_and_the_shuffled_control(d
     # Real neighbours are more alike than the same embeddings placed at random: the control
     # removes the spatial structure it is meant to remove.
     assert metrics["prior_neighbour_cosine_real"].value > metrics["prior_neighbour_cosine_shuffled"].value
+    # The control's figure is its exact expectation, |mean real position|^2; one draw lies near it.
+    grid = grid_from_embeddings(root / "embeddings", INPUT, ENCODER, tmp_path / "grid")
+    mean = unit_rows(np.asarray(grid.embeddings, dtype=np.float64)[grid.tissue]).mean(0)
+    assert metrics["prior_neighbour_cosine_shuffled"].value == pytest.approx(mean @ mean, rel=1e-6)
+    (shuffled,) = [m for m in json.loads(out.read_text())["metrics"] if m["name"] == "prior_neighbour_cosine_shuffled"]
+    assert abs(shuffled["one_draw"] - shuffled["value"]) < 0.1
     assert json.loads(out.read_text())["metrics"][0]["real_set"] == "trained-on inputs (no input held out)"

@@ -33,7 +33,7 @@ METRIC_MEANING = {
     "prior_neighbour_cosine_generated": "mean cosine of adjacent tissue positions in the sampled grids: "
                                         "spatial coherence; compare with real and shuffled",
     "prior_neighbour_cosine_real": "the same in real crops",
-    "prior_neighbour_cosine_shuffled": "the same with the real embeddings placed at random",
+    "prior_neighbour_cosine_shuffled": "the same with the real embeddings placed at random (its exact expectation)",
     "prior_tissue_fraction_generated": "mean share of tissue positions per sampled grid",
     "prior_tissue_fraction_real": "the same for real crops",
 }
